@@ -1,0 +1,141 @@
+//! Locks in this process's memory.
+
+use std::{
+    collections::HashMap,
+    future::{Future, ready},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{Acquire, BackendError, LockBackend};
+use crate::LockKey;
+
+/// A backend that keeps locks in this process, with the same semantics as Redis: owner
+/// tokens, leases that expire, compare-and-delete release.
+///
+/// For tests, for single-instance services, and as the fallback when no Redis is
+/// configured. It excludes only requests served by this process. Clones share the locks.
+///
+/// Leases run on tokio's clock, so tests can drive them with `tokio::time::pause()`.
+#[derive(Clone, Debug, Default)]
+pub struct InMemoryBackend {
+    locks: Arc<Mutex<Locks>>,
+}
+
+#[derive(Debug, Default)]
+struct Locks {
+    held: HashMap<LockKey, Lease>,
+    /// Size of `held` after the last sweep of expired leases; sweeping again once the map
+    /// has doubled keeps the cost amortised O(1) and memory bounded by the live locks.
+    swept_at: usize,
+}
+
+#[derive(Debug)]
+struct Lease {
+    token: Uuid,
+    expires_at: Instant,
+}
+
+impl InMemoryBackend {
+    /// An empty set of locks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many locks are held right now (expired leases not counted).
+    pub fn held_count(&self) -> usize {
+        let now = Instant::now();
+        self.with_locks(|locks| locks.held.values().filter(|l| l.expires_at > now).count())
+    }
+
+    fn with_locks<T>(&self, f: impl FnOnce(&mut Locks) -> T) -> T {
+        // A panic while the lock was held cannot leave `Locks` half-updated (every
+        // mutation is a single map operation), so a poisoned mutex is still sound.
+        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut locks)
+    }
+
+    fn acquire_now(&self, key: &LockKey, token: Uuid, ttl: Duration) -> Acquire {
+        let now = Instant::now();
+        self.with_locks(|locks| {
+            if let Some(lease) = locks.held.get_mut(key) {
+                if lease.expires_at > now && lease.token != token {
+                    return Acquire::Held {
+                        remaining: Some(lease.expires_at - now),
+                    };
+                }
+                *lease = Lease {
+                    token,
+                    expires_at: now + ttl,
+                };
+                return Acquire::Acquired;
+            }
+            if locks.held.len() >= 2 * locks.swept_at.max(64) {
+                locks.held.retain(|_, lease| lease.expires_at > now);
+                locks.swept_at = locks.held.len();
+            }
+            locks.held.insert(
+                key.clone(),
+                Lease {
+                    token,
+                    expires_at: now + ttl,
+                },
+            );
+            Acquire::Acquired
+        })
+    }
+
+    fn release_now(&self, key: &LockKey, token: Uuid) -> bool {
+        let now = Instant::now();
+        self.with_locks(|locks| match locks.held.get(key) {
+            Some(lease) if lease.token == token => {
+                let was_live = lease.expires_at > now;
+                locks.held.remove(key);
+                was_live
+            }
+            _ => false,
+        })
+    }
+
+    fn extend_now(&self, key: &LockKey, token: Uuid, ttl: Duration) -> bool {
+        let now = Instant::now();
+        self.with_locks(|locks| match locks.held.get_mut(key) {
+            Some(lease) if lease.token == token && lease.expires_at > now => {
+                lease.expires_at = now + ttl;
+                true
+            }
+            _ => false,
+        })
+    }
+}
+
+impl LockBackend for InMemoryBackend {
+    fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquire, BackendError>> + Send {
+        ready(Ok(self.acquire_now(key, token, ttl)))
+    }
+
+    fn release(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        ready(Ok(self.release_now(key, token)))
+    }
+
+    fn extend(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        ready(Ok(self.extend_now(key, token, ttl)))
+    }
+}

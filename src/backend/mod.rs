@@ -1,0 +1,98 @@
+//! Where locks live: the [`LockBackend`] trait and its implementations.
+//!
+//! A backend does single attempts; waiting, backoff and the HTTP answers belong to the
+//! layer, so every backend behaves the same behind it.
+
+use std::{future::Future, time::Duration};
+
+use uuid::Uuid;
+
+use crate::LockKey;
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+mod scripts;
+
+pub use self::memory::InMemoryBackend;
+#[cfg(feature = "redis")]
+pub use self::redis::RedisBackend;
+
+/// A boxed error from a backend's client library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The answer to one acquisition attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acquire {
+    /// The lock is now held by the token that asked (or already was: an attempt retried
+    /// after a lost reply recognises its own token and refreshes the lease).
+    Acquired,
+    /// Another token holds the lock.
+    Held {
+        /// How long the holder's lease still runs, when the backend knows.
+        remaining: Option<Duration>,
+    },
+}
+
+/// A backend could not answer: the request gets 503, never an unlocked handler
+/// (unless the layer was told to fail open).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The operation, connection checkout included, did not finish in time.
+    #[error("lock backend did not answer within {0:?}")]
+    Timeout(Duration),
+    /// No connection could be had (server down, pool exhausted, connection dropped).
+    #[error("lock backend unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The backend answered with an error (a failing script, out of memory, read-only
+    /// replica) or with a reply the protocol does not allow.
+    #[error("lock backend refused the command")]
+    Command(#[source] BoxError),
+}
+
+/// Storage for locks: single, atomic attempts on one key.
+///
+/// Tokens are the owners' identities: only the token that acquired a lock can release or
+/// extend it. Implementations must bound every operation in time and report what they
+/// cannot do as a [`BackendError`].
+///
+/// Cloning a backend must be cheap and share its state (a pool, a map behind an `Arc`).
+pub trait LockBackend: Clone + Send + Sync + 'static {
+    /// Takes `key` for `token` with a lease of `ttl`, if it is free or already `token`'s.
+    fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquire, BackendError>> + Send;
+
+    /// Frees `key` if `token` holds it. Returns whether it did.
+    fn release(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Resets the lease of `key` to `ttl` if `token` holds it. Returns whether it did.
+    fn extend(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Waits at most `timeout` for `key` to be released before the next attempt.
+    ///
+    /// The default sleeps the whole `timeout`: the layer's backoff is then the only
+    /// wake-up. A backend that hears about releases may return as soon as one happens.
+    fn wait_for_release(
+        &self,
+        key: &LockKey,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = key;
+        tokio::time::sleep(timeout)
+    }
+}

@@ -1,0 +1,220 @@
+//! Locks on one Redis server, through a deadpool-redis pool.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use deadpool_redis::{
+    Pool,
+    redis::{FromRedisValue, RedisError, Script},
+};
+use uuid::Uuid;
+
+use super::{
+    Acquire, BackendError, LockBackend,
+    scripts::{ACQUIRE, EXTEND, RELEASE},
+};
+use crate::LockKey;
+
+/// Default namespace of the Redis keys.
+const DEFAULT_PREFIX: &str = "lock:";
+/// Default bound on one operation, pool checkout included. Lock scripts take
+/// microseconds; a server that needs longer is treated as unavailable.
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A backend on one Redis server (DESIGN §3).
+///
+/// The lock for key `k` is the Redis string `<prefix>{k}` whose value is the owner's
+/// token; the braces make `k` the Cluster hash tag, so every key of one lock shares a
+/// slot. Acquire, release and extend are each one Lua script and one round trip.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use deadpool_redis::{Config, Runtime};
+/// use tower_redis_lock::RedisBackend;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = Config::from_url("redis://127.0.0.1:6379").create_pool(Some(Runtime::Tokio1))?;
+/// let backend = RedisBackend::new(pool)
+///     .key_prefix("shop:lock:")
+///     .command_timeout(Duration::from_millis(500));
+/// # let _ = backend;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisBackend {
+    pool: Pool,
+    config: Arc<Config>,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    prefix: Box<str>,
+    command_timeout: Duration,
+}
+
+impl RedisBackend {
+    /// A backend over `pool`, with the key prefix `lock:` and a 1 s command timeout.
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            config: Arc::new(Config {
+                prefix: DEFAULT_PREFIX.into(),
+                command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Sets the namespace put before every Redis key (default `lock:`). It must not
+    /// contain `{`, which would move the Cluster hash tag.
+    ///
+    /// # Panics
+    ///
+    /// When `prefix` contains `{` or `}`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        assert!(
+            !prefix.contains(['{', '}']),
+            "RedisBackend::key_prefix must not contain braces: they would move the hash tag"
+        );
+        Arc::make_mut(&mut self.config).prefix = prefix.into();
+        self
+    }
+
+    /// Bounds each operation, connection checkout included (default 1 s). Past it the
+    /// operation fails with [`BackendError::Timeout`] and the request gets 503.
+    ///
+    /// # Panics
+    ///
+    /// When `timeout` is zero.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "RedisBackend::command_timeout must be positive"
+        );
+        Arc::make_mut(&mut self.config).command_timeout = timeout;
+        self
+    }
+
+    /// The pool this backend draws its connections from.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The Redis key that stores the lock `key`: `<prefix>{<key>}`.
+    pub fn redis_key(&self, key: &LockKey) -> String {
+        let prefix = &self.config.prefix;
+        let mut redis_key = String::with_capacity(prefix.len() + key.len() + 2);
+        redis_key.push_str(prefix);
+        redis_key.push('{');
+        redis_key.push_str(key.as_str());
+        redis_key.push('}');
+        redis_key
+    }
+
+    /// Runs `script` on a pooled connection within the command timeout.
+    async fn run<T: FromRedisValue>(
+        &self,
+        script: &'static Script,
+        key: &LockKey,
+        args: (Uuid, Option<Duration>),
+    ) -> Result<T, BackendError> {
+        let (token, ttl) = args;
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.redis_key(key))
+            .arg(token.hyphenated().encode_lower(&mut Uuid::encode_buffer()) as &str);
+        if let Some(ttl) = ttl {
+            invocation.arg(lease_millis(ttl));
+        }
+        let timeout = self.config.command_timeout;
+        let call = async {
+            let mut conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|err| BackendError::Unavailable(err.into()))?;
+            invocation.invoke_async(&mut conn).await.map_err(classify)
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| BackendError::Timeout(timeout))?
+    }
+}
+
+/// A lease in whole milliseconds, at least one (`PX 0` is an error in Redis).
+fn lease_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Connection trouble means "unavailable"; anything the server said is a command error.
+fn classify(err: RedisError) -> BackendError {
+    if err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+    {
+        BackendError::Unavailable(err.into())
+    } else {
+        BackendError::Command(err.into())
+    }
+}
+
+impl LockBackend for RedisBackend {
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        let reply: Vec<i64> = self.run(&ACQUIRE, key, (token, Some(ttl))).await?;
+        match reply.as_slice() {
+            [1] => Ok(Acquire::Acquired),
+            // PTTL is -1 for a key without expiry (not one of ours) and -2 if it vanished
+            // between the calls; neither says when the lock frees up.
+            [0, pttl] => Ok(Acquire::Held {
+                remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            }),
+            other => Err(BackendError::Command(
+                format!("unexpected acquire reply {other:?}").into(),
+            )),
+        }
+    }
+
+    async fn release(&self, key: &LockKey, token: Uuid) -> Result<bool, BackendError> {
+        let deleted: i64 = self.run(&RELEASE, key, (token, None)).await?;
+        Ok(deleted == 1)
+    }
+
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        let extended: i64 = self.run(&EXTEND, key, (token, Some(ttl))).await?;
+        Ok(extended == 1)
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("prefix", &self.config.prefix)
+            .field("command_timeout", &self.config.command_timeout)
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_is_whole_positive_milliseconds() {
+        assert_eq!(lease_millis(Duration::from_micros(10)), 1);
+        assert_eq!(lease_millis(Duration::from_millis(1500)), 1500);
+    }
+}

@@ -1,0 +1,56 @@
+//! The Lua scripts of the one-Redis protocol (DESIGN §3).
+//!
+//! Each runs atomically on the server in one round trip. `Script` hashes its source once;
+//! `invoke_async` sends `EVALSHA` and, on `NOSCRIPT` (a restarted or flushed server),
+//! loads the script and retries.
+
+use std::sync::LazyLock;
+
+use deadpool_redis::redis::Script;
+
+/// `KEYS[1]` lock key, `ARGV[1]` token, `ARGV[2]` lease in ms.
+///
+/// Returns `{1}` when the token now holds the lock, `{0, pttl}` when another token does.
+/// The common case is the single `SET NX`. When it fails, a value equal to our own token
+/// means an earlier attempt of ours landed but its reply was lost: we hold the lock, so
+/// the lease is refreshed and the attempt succeeds.
+pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1}
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"#,
+    )
+});
+
+/// `KEYS[1]` lock key, `ARGV[1]` token. Deletes the lock only if the token holds it;
+/// returns 1 when it did, 0 otherwise.
+pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#,
+    )
+});
+
+/// `KEYS[1]` lock key, `ARGV[1]` token, `ARGV[2]` lease in ms. Resets the lease only if
+/// the token holds the lock; returns 1 when it did, 0 otherwise.
+pub(super) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#,
+    )
+});

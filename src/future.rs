@@ -1,0 +1,195 @@
+//! The response future of [`Lock`](crate::Lock): acquire, call, release.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::{
+    LockBackend,
+    acquire::{AcquireError, Acquired},
+    guard::LockGuard,
+    layer::{FailMode, LockConfig},
+};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+pin_project! {
+    /// Response future of [`Lock`](crate::Lock).
+    ///
+    /// Dropping it at any point releases what it may hold: during the wait, a lock whose
+    /// acquire reply was not seen yet; during the call or the release, the lock itself.
+    pub struct ResponseFuture<S, B, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        B: LockBackend,
+    {
+        #[pin]
+        state: State<S, B, ReqBody>,
+        config: Arc<LockConfig>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        B: LockBackend,
+    {
+        // Waiting for the lock. The service was polled ready before the wait began.
+        Acquiring {
+            acquire: BoxFuture<Result<Acquired<B>, AcquireError>>,
+            service: Option<S>,
+            request: Option<Request<ReqBody>>,
+        },
+        // The inner service runs under the lock.
+        Calling {
+            #[pin]
+            future: S::Future,
+            guard: Option<LockGuard<B>>,
+        },
+        // The response is ready; the release is awaited (bounded) before it goes out.
+        Releasing {
+            release: BoxFuture<()>,
+            output: Option<Result<S::Response, S::Error>>,
+        },
+        // No lock needed (no key with pass-through, or fail-open).
+        Unlocked {
+            #[pin]
+            future: S::Future,
+        },
+        // Answered by the layer itself.
+        Rejected {
+            response: Option<S::Response>,
+        },
+    }
+}
+
+impl<S, B, ReqBody> ResponseFuture<S, B, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    B: LockBackend,
+{
+    pub(crate) fn acquiring(
+        acquire: BoxFuture<Result<Acquired<B>, AcquireError>>,
+        service: S,
+        request: Request<ReqBody>,
+        config: Arc<LockConfig>,
+    ) -> Self {
+        let state = State::Acquiring {
+            acquire,
+            service: Some(service),
+            request: Some(request),
+        };
+        Self { state, config }
+    }
+
+    pub(crate) fn unlocked(future: S::Future, config: Arc<LockConfig>) -> Self {
+        Self {
+            state: State::Unlocked { future },
+            config,
+        }
+    }
+
+    pub(crate) fn rejected(response: S::Response, config: Arc<LockConfig>) -> Self {
+        Self {
+            state: State::Rejected {
+                response: Some(response),
+            },
+            config,
+        }
+    }
+}
+
+impl<S, B, ReqBody, ResBody> Future for ResponseFuture<S, B, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    B: LockBackend,
+    ResBody: From<Bytes>,
+{
+    type Output = Result<Response<ResBody>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Acquiring {
+                    acquire,
+                    service,
+                    request,
+                } => {
+                    let outcome = ready!(acquire.as_mut().poll(cx));
+                    let mut service = service.take().expect("polled after completion");
+                    let mut request = request.take().expect("polled after completion");
+                    let next = match outcome {
+                        Ok(Acquired { guard, held }) => {
+                            request.extensions_mut().insert(held);
+                            State::Calling {
+                                future: service.call(request),
+                                guard: Some(guard),
+                            }
+                        }
+                        Err(AcquireError::Unavailable(err))
+                            if this.config.fail_mode == FailMode::Open =>
+                        {
+                            tracing::warn!(error = %err, "lock backend failed; serving unlocked (fail-open)");
+                            State::Unlocked {
+                                future: service.call(request),
+                            }
+                        }
+                        Err(err) => {
+                            let rejection = this.config.rejection(err);
+                            return Poll::Ready(Ok(this.config.respond(&rejection)));
+                        }
+                    };
+                    this.state.set(next);
+                }
+                StateProj::Calling { future, guard } => {
+                    let output = ready!(future.poll(cx));
+                    let guard = guard.take().expect("polled after completion");
+                    let release = Box::pin(guard.release(this.config.release_timeout));
+                    this.state.set(State::Releasing {
+                        release,
+                        output: Some(output),
+                    });
+                }
+                StateProj::Releasing { release, output } => {
+                    ready!(release.as_mut().poll(cx));
+                    return Poll::Ready(output.take().expect("polled after completion"));
+                }
+                StateProj::Unlocked { future } => return future.poll(cx),
+                StateProj::Rejected { response } => {
+                    return Poll::Ready(Ok(response.take().expect("polled after completion")));
+                }
+            }
+        }
+    }
+}
+
+impl<S, B, ReqBody> fmt::Debug for ResponseFuture<S, B, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    B: LockBackend,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Acquiring { .. } => "acquiring",
+            State::Calling { .. } => "calling",
+            State::Releasing { .. } => "releasing",
+            State::Unlocked { .. } => "unlocked",
+            State::Rejected { .. } => "rejected",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}

@@ -1,0 +1,178 @@
+//! Who owns a lock: the private [`LockGuard`] that releases it, and the public [`Held`]
+//! handle that handlers see.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::{LockBackend, LockKey};
+
+/// The lock a request holds, as its handler sees it.
+///
+/// The layer puts it in the request's extensions; with the `axum` feature it is an
+/// extractor (`Held`, or `Option<Held>` which never rejects). It is a read-only view:
+/// the lock is released by the layer when the response is ready, not when `Held` drops.
+#[derive(Clone)]
+pub struct Held {
+    inner: Arc<HeldInner>,
+}
+
+struct HeldInner {
+    key: LockKey,
+    token: Uuid,
+    acquired_at: Instant,
+    lease_deadline: Instant,
+}
+
+impl Held {
+    /// `lease_start` is taken before the acquire command was sent, so the deadline
+    /// errs early; the drift margin covers clock-rate differences with the server.
+    pub(crate) fn new(key: LockKey, token: Uuid, lease_start: Instant, ttl: Duration) -> Self {
+        let acquired_at = Instant::now();
+        Self {
+            inner: Arc::new(HeldInner {
+                key,
+                token,
+                acquired_at,
+                lease_deadline: lease_start + ttl.saturating_sub(drift(ttl)),
+            }),
+        }
+    }
+
+    /// The lock's key, with the layer's prefix.
+    pub fn key(&self) -> &LockKey {
+        &self.inner.key
+    }
+
+    /// The owner token stored in the backend for this acquisition (a fresh UUID v4).
+    pub fn token(&self) -> Uuid {
+        self.inner.token
+    }
+
+    /// When the lock was acquired.
+    pub fn acquired_at(&self) -> Instant {
+        self.inner.acquired_at
+    }
+
+    /// The moment after which the lease may have expired, on the monotonic clock, with
+    /// the drift margin already taken off. Work that must be covered by the lock should
+    /// finish before it.
+    pub fn lease_deadline(&self) -> Instant {
+        self.inner.lease_deadline
+    }
+
+    /// How much of the lease is left (zero once past the deadline).
+    pub fn lease_remaining(&self) -> Duration {
+        self.inner
+            .lease_deadline
+            .saturating_duration_since(Instant::now())
+    }
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held")
+            .field("key", &self.inner.key)
+            .field("token", &self.inner.token)
+            .field("lease_remaining", &self.lease_remaining())
+            .finish()
+    }
+}
+
+/// Clock drift allowance on a lease: 1 % of the TTL plus 2 ms (the Redlock paper's figure).
+pub(crate) fn drift(ttl: Duration) -> Duration {
+    ttl / 100 + Duration::from_millis(2)
+}
+
+/// Releases a lock that may be held, on every path: explicitly with [`release`], or from
+/// `Drop` when the future that owns it is dropped (client gone, outer timeout, panic).
+///
+/// "May be held" includes an acquire whose reply never came: the server may have run it,
+/// and releasing a token that holds nothing is harmless (compare-and-delete).
+///
+/// [`release`]: LockGuard::release
+pub(crate) struct LockGuard<B: LockBackend> {
+    backend: B,
+    key: LockKey,
+    token: Uuid,
+    armed: bool,
+}
+
+impl<B: LockBackend> LockGuard<B> {
+    /// A guard for `token` on `key` that releases nothing until armed.
+    pub(crate) fn disarmed(backend: B, key: LockKey, token: Uuid) -> Self {
+        Self {
+            backend,
+            key,
+            token,
+            armed: false,
+        }
+    }
+
+    pub(crate) fn arm(&mut self) {
+        self.armed = true;
+    }
+
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    pub(crate) fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub(crate) fn key(&self) -> &LockKey {
+        &self.key
+    }
+
+    pub(crate) fn token(&self) -> Uuid {
+        self.token
+    }
+
+    /// Releases now, waiting at most `timeout`. If the backend does not confirm in time,
+    /// the guard's `Drop` tries once more in the background; the lease is the last resort.
+    pub(crate) async fn release(mut self, timeout: Duration) {
+        match tokio::time::timeout(timeout, self.backend.release(&self.key, self.token)).await {
+            Ok(Ok(_)) => self.disarm(),
+            Ok(Err(err)) => {
+                tracing::warn!(key = %self.key, error = %err, "lock release failed; retrying in the background");
+            }
+            Err(_) => {
+                tracing::warn!(key = %self.key, ?timeout, "lock release timed out; retrying in the background");
+            }
+        }
+    }
+}
+
+impl<B: LockBackend> Drop for LockGuard<B> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Drop must neither block nor panic: hand the release to the runtime if there is
+        // one, and otherwise let the lease expire.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(key = %self.key, "no tokio runtime to release the lock; it will expire with its lease");
+            return;
+        };
+        let backend = self.backend.clone();
+        let key = self.key.clone();
+        let token = self.token;
+        runtime.spawn(async move {
+            if let Err(err) = backend.release(&key, token).await {
+                tracing::warn!(key = %key, error = %err, "background lock release failed; it will expire with its lease");
+            }
+        });
+    }
+}
+
+impl<B: LockBackend> fmt::Debug for LockGuard<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .field("armed", &self.armed)
+            .finish()
+    }
+}

@@ -1,0 +1,44 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::await_holding_lock
+)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod acquire;
+pub mod backend;
+mod future;
+mod guard;
+mod key;
+mod layer;
+mod rejection;
+mod service;
+
+#[cfg(feature = "axum")]
+mod extract;
+
+pub use crate::{
+    backend::{Acquire, BackendError, InMemoryBackend, LockBackend},
+    future::ResponseFuture,
+    guard::Held,
+    key::{HeaderKey, LockKey, MakeLockKey, QueryParam},
+    layer::{
+        DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_WAIT,
+        DEFAULT_RELEASE_TIMEOUT, DEFAULT_RETRY_AFTER, DEFAULT_TTL, FailMode, LockLayer, MissingKey,
+    },
+    rejection::{InvalidKey, LockRejection, retry_after_secs},
+    service::Lock,
+};
+
+#[cfg(feature = "redis")]
+pub use crate::backend::RedisBackend;
+
+#[cfg(feature = "axum")]
+pub use crate::{extract::MissingLock, key::PathParam};
+
+/// The deadpool-redis crate this one is built against, for pools of matching versions.
+#[cfg(feature = "redis")]
+pub use deadpool_redis;

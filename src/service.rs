@@ -1,0 +1,108 @@
+//! [`Lock`]: the service a [`LockLayer`](crate::LockLayer) wraps around another.
+
+use std::{
+    fmt, mem,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use tower_service::Service;
+
+use crate::{
+    LockBackend, MakeLockKey, acquire::acquire, future::ResponseFuture, layer::LockConfig,
+};
+
+/// Locks each request around the inner service. Built by [`LockLayer`](crate::LockLayer);
+/// see its docs.
+pub struct Lock<S, B, K> {
+    inner: S,
+    backend: B,
+    make_key: K,
+    config: Arc<LockConfig>,
+}
+
+impl<S, B, K> Lock<S, B, K> {
+    pub(crate) fn from_parts(inner: S, backend: B, make_key: K, config: Arc<LockConfig>) -> Self {
+        Self {
+            inner,
+            backend,
+            make_key,
+            config,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, K, ReqBody, ResBody> Service<Request<ReqBody>> for Lock<S, B, K>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    B: LockBackend,
+    K: MakeLockKey,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        let key = self.make_key.make_lock_key(&mut parts);
+        let request = Request::from_parts(parts, body);
+        match self.config.lock_key(key) {
+            Ok(Some(key)) => {
+                // The future calls the service later, so it must own the instance that was
+                // polled ready; `self` keeps a fresh clone (tower-service docs).
+                let clone = self.inner.clone();
+                let ready = mem::replace(&mut self.inner, clone);
+                let acquire = acquire(self.backend.clone(), key, self.config.wait);
+                ResponseFuture::acquiring(Box::pin(acquire), ready, request, self.config.clone())
+            }
+            Ok(None) => ResponseFuture::unlocked(self.inner.call(request), self.config.clone()),
+            Err(rejection) => {
+                ResponseFuture::rejected(self.config.respond(&rejection), self.config.clone())
+            }
+        }
+    }
+}
+
+impl<S: Clone, B: Clone, K: Clone> Clone for Lock<S, B, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            backend: self.backend.clone(),
+            make_key: self.make_key.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, B: fmt::Debug, K> fmt::Debug for Lock<S, B, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lock")
+            .field("inner", &self.inner)
+            .field("backend", &self.backend)
+            .field("make_key", &std::any::type_name::<K>())
+            .field("config", &self.config)
+            .finish()
+    }
+}
