@@ -1,0 +1,226 @@
+//! Shared fixtures: spawned Redis servers, the two backends behind one harness trait,
+//! a test app, and an HTTP server on a loopback port.
+
+#![allow(dead_code)]
+
+pub mod redis_server;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::StatusCode,
+    routing::post,
+};
+use deadpool_redis::{Pool, Runtime, Timeouts, redis::AsyncCommands};
+use serde::Deserialize;
+use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer};
+use tower_redis_lock::{Held, InMemoryBackend, LockBackend, LockLayer, PathParam, RedisBackend};
+
+pub use self::redis_server::RedisServer;
+
+/// How long the test app lets a handler run before its outer timeout cancels it.
+pub const APP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pool to `url` whose every wait is bounded.
+pub fn pool(url: &str) -> Pool {
+    let mut config = deadpool_redis::Config::from_url(url);
+    let mut pool_config = deadpool_redis::PoolConfig::new(64);
+    pool_config.timeouts = Timeouts {
+        wait: Some(Duration::from_secs(2)),
+        create: Some(Duration::from_secs(2)),
+        recycle: Some(Duration::from_secs(2)),
+    };
+    config.pool = Some(pool_config);
+    config
+        .create_pool(Some(Runtime::Tokio1))
+        .expect("valid redis url")
+}
+
+/// A backend family under test: what an app instance gets, and how to look inside.
+pub trait Harness: Send + Sync + 'static {
+    /// The backend type.
+    type Backend: LockBackend;
+    /// The backend of one app instance (for Redis: its own pool).
+    fn instance(&self) -> Self::Backend;
+    /// Storage for the handlers' counters, shared by every instance.
+    fn counter(&self) -> Counter;
+    /// How many locks exist right now.
+    fn held_locks(&self) -> usize;
+}
+
+/// Locks in process memory; every "instance" shares them, as requests of one process do.
+#[derive(Default)]
+pub struct Memory {
+    backend: InMemoryBackend,
+    counters: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl Memory {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Harness for Memory {
+    type Backend = InMemoryBackend;
+
+    fn instance(&self) -> InMemoryBackend {
+        self.backend.clone()
+    }
+
+    fn counter(&self) -> Counter {
+        Counter::Local(self.counters.clone())
+    }
+
+    fn held_locks(&self) -> usize {
+        self.backend.held_count()
+    }
+}
+
+/// Locks in a Redis server of the test's own.
+pub struct Redis {
+    pub server: RedisServer,
+}
+
+impl Redis {
+    pub fn spawn() -> Self {
+        Self {
+            server: RedisServer::spawn(),
+        }
+    }
+}
+
+impl Harness for Redis {
+    type Backend = RedisBackend;
+
+    fn instance(&self) -> RedisBackend {
+        RedisBackend::new(pool(&self.server.url())).command_timeout(Duration::from_millis(500))
+    }
+
+    fn counter(&self) -> Counter {
+        Counter::Redis(pool(&self.server.url()))
+    }
+
+    fn held_locks(&self) -> usize {
+        let keys: Vec<String> = self
+            .server
+            .query(deadpool_redis::redis::cmd("KEYS").arg("lock:*"));
+        keys.len()
+    }
+}
+
+/// A counter per order, read and written in two steps on purpose: two handlers that
+/// overlap lose an increment, which is how the tests see a broken lock.
+#[derive(Clone)]
+pub enum Counter {
+    Local(Arc<Mutex<HashMap<String, u64>>>),
+    Redis(Pool),
+}
+
+impl Counter {
+    pub async fn get(&self, name: &str) -> u64 {
+        match self {
+            Counter::Local(map) => map.lock().unwrap().get(name).copied().unwrap_or(0),
+            Counter::Redis(pool) => {
+                let mut conn = pool.get().await.expect("counter connection");
+                let value: Option<u64> = conn.get(format!("counter:{name}")).await.expect("GET");
+                value.unwrap_or(0)
+            }
+        }
+    }
+
+    pub async fn set(&self, name: &str, value: u64) {
+        match self {
+            Counter::Local(map) => {
+                map.lock().unwrap().insert(name.to_owned(), value);
+            }
+            Counter::Redis(pool) => {
+                let mut conn = pool.get().await.expect("counter connection");
+                let () = conn
+                    .set(format!("counter:{name}"), value)
+                    .await
+                    .expect("SET");
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PayParams {
+    /// How long the handler works between reading and writing the counter.
+    #[serde(default)]
+    pub work_ms: u64,
+    /// `error` answers 500 after the work, `panic` panics.
+    pub outcome: Option<String>,
+}
+
+/// `POST /orders/{order_id}/pay`: increments the order's counter non-atomically.
+async fn pay(
+    State(counter): State<Counter>,
+    Path(order_id): Path<String>,
+    Query(params): Query<PayParams>,
+    lock: Held,
+) -> Result<Json<serde_json::Value>, StatusCode> {
+    let count = counter.get(&order_id).await;
+    tokio::time::sleep(Duration::from_millis(params.work_ms)).await;
+    counter.set(&order_id, count + 1).await;
+    match params.outcome.as_deref() {
+        Some("error") => Err(StatusCode::INTERNAL_SERVER_ERROR),
+        Some("panic") => panic!("handler panicked on purpose"),
+        _ => Ok(Json(serde_json::json!({
+            "order_id": order_id,
+            "count": count + 1,
+            "key": lock.key().as_str(),
+        }))),
+    }
+}
+
+/// The test app: `pay` behind `LockLayer` keyed on `order_id` (prefix `order:`), inside
+/// a panic catcher and an outer timeout of [`APP_TIMEOUT`] (answering 408).
+pub fn app<B: LockBackend>(
+    backend: B,
+    counter: Counter,
+    configure: impl FnOnce(LockLayer<B, PathParam>) -> LockLayer<B, PathParam>,
+) -> Router {
+    let lock = configure(LockLayer::new(backend, PathParam::new("order_id")).key_prefix("order:"));
+    Router::new()
+        .route("/orders/{order_id}/pay", post(pay))
+        .route_layer(lock)
+        .layer(CatchPanicLayer::new())
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            APP_TIMEOUT,
+        ))
+        .with_state(counter)
+}
+
+/// Serves `router` on a free loopback port until the test's runtime ends.
+pub async fn serve(router: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr: SocketAddr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    format!("http://{addr}")
+}
+
+/// Polls `condition` every 20 ms for up to `within`; returns whether it came true.
+pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if condition() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
