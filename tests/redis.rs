@@ -1,0 +1,173 @@
+//! The one-Redis protocol and its faults, against servers spawned by each test: the key
+//! layout, a server killed and restarted, a server frozen, scripts flushed.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis::cmd;
+use http::StatusCode;
+use support::{Counter, RedisServer, app, pool, serve};
+use tower_redis_lock::{Acquire, LockBackend, LockKey, RedisBackend};
+use uuid::Uuid;
+
+fn backend(server: &RedisServer) -> RedisBackend {
+    RedisBackend::new(pool(&server.url())).command_timeout(Duration::from_millis(500))
+}
+
+async fn pay(url: &str, order: &str, query: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/orders/{order}/pay?{query}"))
+        .send()
+        .await
+        .expect("request")
+}
+
+/// While a request holds its lock, Redis has `lock:{order:<id>}` = the owner's token,
+/// with a lease no longer than the ttl; afterwards the key is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_key_layout_and_value() {
+    let server = RedisServer::spawn();
+    let router = app(
+        backend(&server),
+        Counter::Redis(pool(&server.url())),
+        |layer| layer.ttl(Duration::from_secs(20)),
+    );
+    let url = serve(router).await;
+    let request = tokio::spawn({
+        let url = url.clone();
+        async move { pay(&url, "31", "work_ms=800").await.status() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let token: String = server.query(cmd("GET").arg("lock:{order:31}"));
+    assert!(
+        Uuid::parse_str(&token).is_ok(),
+        "value {token:?} is not a UUID token"
+    );
+    let pttl: i64 = server.query(cmd("PTTL").arg("lock:{order:31}"));
+    assert!(pttl > 0 && pttl <= 20_000, "lease {pttl} ms");
+    assert_eq!(request.await.unwrap(), StatusCode::OK);
+    let exists: i64 = server.query(cmd("EXISTS").arg("lock:{order:31}"));
+    assert_eq!(exists, 0, "the lock outlived its request");
+}
+
+/// Redis killed: requests get 503 with `Retry-After` within a bounded time, never run
+/// the handler; a new server on the same port brings success back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_answers_503_then_recovers() {
+    let mut server = RedisServer::spawn();
+    let counter = Counter::Local(Default::default());
+    let router = app(backend(&server), counter.clone(), |layer| {
+        layer.max_wait(Duration::from_millis(200))
+    });
+    let url = serve(router).await;
+    assert_eq!(pay(&url, "1", "").await.status(), StatusCode::OK);
+
+    server.kill();
+    let started = Instant::now();
+    let response = pay(&url, "1", "").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert_eq!(counter.get("1").await, 1, "a handler ran without its lock");
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = pay(&url, "1", "").await.status();
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(Instant::now() < deadline, "no recovery after restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A frozen Redis (SIGSTOP) accepts connections and never answers: the command timeout
+/// turns that into 503 instead of a hung request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_answers_503_within_the_timeout() {
+    let server = RedisServer::spawn();
+    let router = app(
+        backend(&server),
+        Counter::Local(Default::default()),
+        |layer| layer.max_wait(Duration::from_millis(200)),
+    );
+    let url = serve(router).await;
+    assert_eq!(pay(&url, "1", "").await.status(), StatusCode::OK);
+
+    server.pause();
+    let started = Instant::now();
+    let status = pay(&url, "1", "").await.status();
+    let elapsed = started.elapsed();
+    server.resume();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // max_wait 200 ms + one 500 ms command timeout, with room for a slow machine.
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    assert_eq!(
+        pay(&url, "1", "").await.status(),
+        StatusCode::OK,
+        "no recovery after SIGCONT"
+    );
+}
+
+/// `SCRIPT FLUSH` (as after a restart or failover) makes EVALSHA fail with NOSCRIPT; the
+/// backend loads the script again and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_scripts_are_reloaded() {
+    let server = RedisServer::spawn();
+    let backend = backend(&server);
+    let key = LockKey::from("noscript");
+    for _ in 0..3 {
+        let () = server.query(cmd("SCRIPT").arg("FLUSH"));
+        let token = Uuid::new_v4();
+        assert_eq!(
+            backend
+                .try_acquire(&key, token, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            Acquire::Acquired
+        );
+        let () = server.query(cmd("SCRIPT").arg("FLUSH"));
+        assert!(
+            backend
+                .extend(&key, token, Duration::from_secs(5))
+                .await
+                .unwrap()
+        );
+        let () = server.query(cmd("SCRIPT").arg("FLUSH"));
+        assert!(backend.release(&key, token).await.unwrap());
+    }
+}
+
+/// A key someone wrote without expiry says nothing about when it frees: the answer falls
+/// back to the `Retry-After` hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_key_without_ttl_is_contended_with_the_hint() {
+    let server = RedisServer::spawn();
+    let () = server.query(cmd("SET").arg("lock:{order:5}").arg("someone-else"));
+    let router = app(
+        backend(&server),
+        Counter::Local(Default::default()),
+        |layer| {
+            layer
+                .max_wait(Duration::from_millis(100))
+                .retry_after(Duration::from_secs(3))
+        },
+    );
+    let url = serve(router).await;
+    let response = pay(&url, "5", "").await;
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert_eq!(response.headers()["retry-after"], "3");
+    let value: String = server.query(cmd("GET").arg("lock:{order:5}"));
+    assert_eq!(value, "someone-else", "a lock we do not own was touched");
+}
