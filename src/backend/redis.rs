@@ -1,10 +1,14 @@
 //! Locks on one Redis server, through a deadpool-redis pool.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use deadpool_redis::{
-    Pool,
-    redis::{FromRedisValue, RedisError, Script},
+    Connection, Pool,
+    redis::{FromRedisValue, RedisError, Script, aio::MultiplexedConnection},
 };
 use uuid::Uuid;
 
@@ -26,6 +30,11 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 /// token; the braces make `k` the Cluster hash tag, so every key of one lock shares a
 /// slot. Acquire, release and extend are each one Lua script and one round trip.
 ///
+/// The backend takes one connection out of the pool and shares it among all its
+/// operations: Redis connections are multiplexed, and a checkout per operation would cost
+/// a round trip of its own (deadpool-redis pings every connection it hands out). After a
+/// connection error or timeout the next operation takes a fresh connection from the pool.
+///
 /// # Example
 ///
 /// ```no_run
@@ -45,6 +54,7 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct RedisBackend {
     pool: Pool,
+    connection: Arc<Mutex<Option<MultiplexedConnection>>>,
     config: Arc<Config>,
 }
 
@@ -59,6 +69,7 @@ impl RedisBackend {
     pub fn new(pool: Pool) -> Self {
         Self {
             pool,
+            connection: Arc::default(),
             config: Arc::new(Config {
                 prefix: DEFAULT_PREFIX.into(),
                 command_timeout: DEFAULT_COMMAND_TIMEOUT,
@@ -130,16 +141,42 @@ impl RedisBackend {
         }
         let timeout = self.config.command_timeout;
         let call = async {
-            let mut conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|err| BackendError::Unavailable(err.into()))?;
+            let mut conn = self.connection().await?;
             invocation.invoke_async(&mut conn).await.map_err(classify)
         };
-        tokio::time::timeout(timeout, call)
+        let result = tokio::time::timeout(timeout, call)
             .await
-            .map_err(|_| BackendError::Timeout(timeout))?
+            .unwrap_or(Err(BackendError::Timeout(timeout)));
+        if matches!(
+            result,
+            Err(BackendError::Unavailable(_) | BackendError::Timeout(_))
+        ) {
+            // The shared connection may be the broken part; the next call starts afresh.
+            *self.shared_connection() = None;
+        }
+        result
+    }
+
+    /// The shared connection, taken from the pool when there is none yet.
+    async fn connection(&self) -> Result<MultiplexedConnection, BackendError> {
+        if let Some(conn) = self.shared_connection().as_ref() {
+            return Ok(conn.clone());
+        }
+        let pooled = self
+            .pool
+            .get()
+            .await
+            .map_err(|err| BackendError::Unavailable(err.into()))?;
+        // If a concurrent call got there first, keep its connection and drop ours.
+        let fresh = Connection::take(pooled);
+        Ok(self.shared_connection().get_or_insert(fresh).clone())
+    }
+
+    fn shared_connection(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        // The slot holds a plain value that no panic can leave half-written.
+        self.connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
