@@ -1,4 +1,8 @@
-#![doc = include_str!("../README.md")]
+#![cfg_attr(all(feature = "redis", feature = "axum"), doc = include_str!("../README.md"))]
+#![cfg_attr(
+    not(all(feature = "redis", feature = "axum")),
+    doc = "Per-request distributed locks for tower and axum services. See README.md."
+)]
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
