@@ -171,3 +171,36 @@ async fn foreign_key_without_ttl_is_contended_with_the_hint() {
     let value: String = server.query(cmd("GET").arg("lock:{order:5}"));
     assert_eq!(value, "someone-else", "a lock we do not own was touched");
 }
+
+/// The app's pool is exhausted (its only connection is checked out elsewhere) when the
+/// backend needs a connection: the pool's bounded wait ends in 503, not a hung request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pool_answers_503() {
+    let server = RedisServer::spawn();
+    let mut config = deadpool_redis::Config::from_url(server.url());
+    let mut pool_config = deadpool_redis::PoolConfig::new(1);
+    pool_config.timeouts.wait = Some(Duration::from_millis(200));
+    config.pool = Some(pool_config);
+    let pool = config
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let busy = pool.get().await.unwrap();
+
+    let router = app(
+        RedisBackend::new(pool),
+        Counter::Local(Default::default()),
+        |layer| layer.max_wait(Duration::from_millis(100)),
+    );
+    let url = serve(router).await;
+    let started = Instant::now();
+    let response = pay(&url, "1", "").await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    drop(busy);
+    assert_eq!(pay(&url, "1", "").await.status(), StatusCode::OK);
+}
