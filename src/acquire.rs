@@ -78,8 +78,14 @@ pub(crate) async fn acquire<B: LockBackend>(
             .try_acquire(guard.key(), guard.token(), policy.ttl)
             .await;
         let remaining = match outcome {
-            Ok(Acquire::Acquired) => {
-                let held = Held::new(guard.key().clone(), guard.token(), lease_start, policy.ttl);
+            Ok(Acquire::Acquired { fencing_token }) => {
+                let held = Held::new(
+                    guard.key().clone(),
+                    guard.token(),
+                    fencing_token,
+                    lease_start,
+                    policy.ttl,
+                );
                 return Ok(Acquired { guard, held });
             }
             Ok(Acquire::Held { remaining }) => {

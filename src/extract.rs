@@ -3,12 +3,12 @@
 use std::convert::Infallible;
 
 use axum::{
-    extract::{FromRequestParts, OptionalFromRequestParts},
+    extract::{FromRef, FromRequestParts, OptionalFromRequestParts},
     response::{IntoResponse, Response},
 };
 use http::{StatusCode, request::Parts};
 
-use crate::{Held, LockRejection};
+use crate::{Held, LockBackend, LockRejection, Locker};
 
 impl<S: Send + Sync> FromRequestParts<S> for Held {
     type Rejection = MissingLock;
@@ -53,5 +53,20 @@ impl IntoResponse for MissingLock {
 impl IntoResponse for LockRejection {
     fn into_response(self) -> Response {
         self.to_response().map(axum::body::Body::from)
+    }
+}
+
+/// The request's [`Locker`]: the one in the router's state, told which locks this
+/// request already holds (so that asking for one of them again fails at once).
+impl<S, B> FromRequestParts<S> for Locker<B>
+where
+    S: Send + Sync,
+    B: LockBackend,
+    Locker<B>: FromRef<S>,
+{
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Locker::from_ref(state).for_request(parts.extensions.get::<Held>()))
     }
 }

@@ -16,8 +16,9 @@ use tower_service::Service;
 use crate::{
     LockBackend,
     acquire::{AcquireError, Acquired},
+    config::{FailMode, LockConfig, LossPolicy},
     guard::LockGuard,
-    layer::{FailMode, LockConfig},
+    watchdog::Watchdog,
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -51,11 +52,12 @@ pin_project! {
             service: Option<S>,
             request: Option<Request<ReqBody>>,
         },
-        // The inner service runs under the lock.
+        // The inner service runs under the lock, renewed by the watchdog.
         Calling {
             #[pin]
             future: S::Future,
             guard: Option<LockGuard<B>>,
+            watchdog: Option<Watchdog<B>>,
         },
         // The response is ready; the release is awaited (bounded) before it goes out.
         Releasing {
@@ -132,10 +134,16 @@ where
                     let mut request = request.take().expect("polled after completion");
                     let next = match outcome {
                         Ok(Acquired { guard, held }) => {
+                            let watchdog = this.config.renew_every().map(|every| {
+                                let backend = guard.backend().clone();
+                                Watchdog::new(backend, held.clone(), this.config.wait.ttl, every)
+                            });
                             request.extensions_mut().insert(held);
+                            let future = service.call(request);
                             State::Calling {
-                                future: service.call(request),
+                                future,
                                 guard: Some(guard),
+                                watchdog,
                             }
                         }
                         Err(AcquireError::Unavailable(err))
@@ -153,8 +161,29 @@ where
                     };
                     this.state.set(next);
                 }
-                StateProj::Calling { future, guard } => {
-                    let output = ready!(future.poll(cx));
+                StateProj::Calling {
+                    future,
+                    guard,
+                    watchdog,
+                } => {
+                    let Poll::Ready(output) = future.poll(cx) else {
+                        let Some(Poll::Ready(loss)) = watchdog.as_mut().map(|w| w.poll_lost(cx))
+                        else {
+                            return Poll::Pending;
+                        };
+                        *watchdog = None;
+                        match this.config.loss_policy {
+                            // The handler was told through `Held`; it decides.
+                            LossPolicy::Signal => return Poll::Pending,
+                            LossPolicy::Abort => {
+                                // Dropping the state drops the handler's future; the guard
+                                // still releases, in case the lease was merely unreachable.
+                                let rejection = this.config.loss(loss);
+                                this.state.set(State::Rejected { response: None });
+                                return Poll::Ready(Ok(this.config.respond(&rejection)));
+                            }
+                        }
+                    };
                     let guard = guard.take().expect("polled after completion");
                     let release = Box::pin(guard.release(this.config.release_timeout));
                     this.state.set(State::Releasing {

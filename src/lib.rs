@@ -14,25 +14,31 @@
 
 mod acquire;
 pub mod backend;
+mod config;
 mod future;
 mod guard;
 mod key;
 mod layer;
+mod locker;
 mod rejection;
 mod service;
+mod watchdog;
 
 #[cfg(feature = "axum")]
 mod extract;
 
 pub use crate::{
     backend::{Acquire, BackendError, InMemoryBackend, LockBackend},
+    config::{
+        DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_WAIT,
+        DEFAULT_RELEASE_TIMEOUT, DEFAULT_RETRY_AFTER, DEFAULT_TTL, FailMode, LossPolicy,
+        MissingKey,
+    },
     future::ResponseFuture,
     guard::Held,
     key::{HeaderKey, LockKey, MakeLockKey, QueryParam},
-    layer::{
-        DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_WAIT,
-        DEFAULT_RELEASE_TIMEOUT, DEFAULT_RETRY_AFTER, DEFAULT_TTL, FailMode, LockLayer, MissingKey,
-    },
+    layer::LockLayer,
+    locker::{Locker, OwnedLock},
     rejection::{InvalidKey, LockRejection, retry_after_secs},
     service::Lock,
 };

@@ -29,6 +29,22 @@ pub enum LockRejection {
     /// The key was empty or too long.
     #[error("the lock key is {0}")]
     InvalidKey(InvalidKey),
+    /// The lock was lost while the handler ran (under [`LossPolicy::Abort`](crate::LossPolicy::Abort)).
+    #[error("{}", if *.expired {
+        "the lock expired while the request was handled: the lock service could not be reached to renew it"
+    } else {
+        "the lock was taken away while the request was handled"
+    })]
+    Lost {
+        /// Whether renewals failed until the lease ended (rather than finding the lock gone).
+        expired: bool,
+        /// When to try again (the layer's hint).
+        retry_after: Duration,
+    },
+    /// The request already holds this lock; locks are not reentrant, and waiting for it
+    /// would wait for ourselves.
+    #[error("this request already holds the lock it asked for; locks are not reentrant")]
+    AlreadyHeld,
     /// The backend could not be reached or refused the command.
     #[error("the lock service is unavailable")]
     Unavailable {
@@ -61,7 +77,10 @@ impl LockRejection {
         match self {
             LockRejection::Contended { status, .. } => *status,
             LockRejection::MissingKey | LockRejection::InvalidKey(_) => StatusCode::BAD_REQUEST,
-            LockRejection::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            LockRejection::Unavailable { .. } | LockRejection::Lost { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            LockRejection::AlreadyHeld => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -69,8 +88,11 @@ impl LockRejection {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             LockRejection::Contended { retry_after, .. }
-            | LockRejection::Unavailable { retry_after, .. } => Some(*retry_after),
-            LockRejection::MissingKey | LockRejection::InvalidKey(_) => None,
+            | LockRejection::Unavailable { retry_after, .. }
+            | LockRejection::Lost { retry_after, .. } => Some(*retry_after),
+            LockRejection::MissingKey
+            | LockRejection::InvalidKey(_)
+            | LockRejection::AlreadyHeld => None,
         }
     }
 

@@ -11,7 +11,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use crate::{
-    LockBackend, MakeLockKey, acquire::acquire, future::ResponseFuture, layer::LockConfig,
+    LockBackend, MakeLockKey, acquire::acquire, config::LockConfig, future::ResponseFuture,
 };
 
 /// Locks each request around the inner service. Built by [`LockLayer`](crate::LockLayer);
@@ -68,7 +68,7 @@ where
         let (mut parts, body) = request.into_parts();
         let key = self.make_key.make_lock_key(&mut parts);
         let request = Request::from_parts(parts, body);
-        match self.config.lock_key(key) {
+        match self.config.request_key(key) {
             Ok(Some(key)) => {
                 // The future calls the service later, so it must own the instance that was
                 // polled ready; `self` keeps a fresh clone (tower-service docs).

@@ -73,7 +73,9 @@ async fn contended(harness: &impl Harness, status: StatusCode) {
     let key = LockKey::from("order:7");
     assert_eq!(
         holder.try_acquire(&key, token, lease).await.unwrap(),
-        Acquire::Acquired
+        Acquire::Acquired {
+            fencing_token: None
+        }
     );
 
     let router = app(harness.instance(), harness.counter(), |layer| {
@@ -234,7 +236,9 @@ async fn only_the_owner_releases(harness: &impl Harness) {
     let (owner, stranger) = (Uuid::new_v4(), Uuid::new_v4());
     assert_eq!(
         backend.try_acquire(&key, owner, TTL).await.unwrap(),
-        Acquire::Acquired
+        Acquire::Acquired {
+            fencing_token: None
+        }
     );
     assert!(!backend.release(&key, stranger).await.unwrap());
     assert!(!backend.extend(&key, stranger, TTL).await.unwrap());
@@ -250,7 +254,9 @@ async fn only_the_owner_releases(harness: &impl Harness) {
     );
     assert_eq!(
         backend.try_acquire(&key, stranger, TTL).await.unwrap(),
-        Acquire::Acquired
+        Acquire::Acquired {
+            fencing_token: None
+        }
     );
     assert!(backend.release(&key, stranger).await.unwrap());
 }
@@ -263,11 +269,15 @@ async fn retried_acquire_recognises_its_token(harness: &impl Harness) {
     let (token, other) = (Uuid::new_v4(), Uuid::new_v4());
     assert_eq!(
         backend.try_acquire(&key, token, TTL).await.unwrap(),
-        Acquire::Acquired
+        Acquire::Acquired {
+            fencing_token: None
+        }
     );
     assert_eq!(
         backend.try_acquire(&key, token, TTL).await.unwrap(),
-        Acquire::Acquired
+        Acquire::Acquired {
+            fencing_token: None
+        }
     );
     match backend.try_acquire(&key, other, TTL).await.unwrap() {
         Acquire::Held {
@@ -288,14 +298,18 @@ async fn leases_expire(harness: &impl Harness) {
             .try_acquire(&key, Uuid::new_v4(), lease)
             .await
             .unwrap(),
-        Acquire::Acquired
+        Acquire::Acquired {
+            fencing_token: None
+        }
     );
     assert!(!backend.extend(&key, Uuid::new_v4(), lease).await.unwrap());
     tokio::time::sleep(lease * 2).await;
     let next = Uuid::new_v4();
     assert_eq!(
         backend.try_acquire(&key, next, TTL).await.unwrap(),
-        Acquire::Acquired
+        Acquire::Acquired {
+            fencing_token: None
+        }
     );
     assert!(backend.release(&key, next).await.unwrap());
 }

@@ -52,7 +52,12 @@ async fn hold(backend: &InMemoryBackend, key: &str) -> Uuid {
         .try_acquire(&LockKey::from(key), token, TTL)
         .await
         .unwrap();
-    assert_eq!(acquired, Acquire::Acquired);
+    assert_eq!(
+        acquired,
+        Acquire::Acquired {
+            fencing_token: None
+        }
+    );
     token
 }
 

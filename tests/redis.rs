@@ -135,7 +135,9 @@ async fn flushed_scripts_are_reloaded() {
                 .try_acquire(&key, token, Duration::from_secs(5))
                 .await
                 .unwrap(),
-            Acquire::Acquired
+            Acquire::Acquired {
+                fencing_token: None
+            }
         );
         let () = server.query(cmd("SCRIPT").arg("FLUSH"));
         assert!(

@@ -23,11 +23,14 @@ use crate::LockKey;
 #[derive(Clone, Debug, Default)]
 pub struct InMemoryBackend {
     locks: Arc<Mutex<Locks>>,
+    fencing: bool,
 }
 
 #[derive(Debug, Default)]
 struct Locks {
     held: HashMap<LockKey, Lease>,
+    /// Last fencing token per key; kept forever, like the Redis counter keys.
+    fences: HashMap<LockKey, u64>,
     /// Size of `held` after the last sweep of expired leases; sweeping again once the map
     /// has doubled keeps the cost amortised O(1) and memory bounded by the live locks.
     swept_at: usize,
@@ -45,6 +48,14 @@ impl InMemoryBackend {
         Self::default()
     }
 
+    /// Hands out a fencing token with every acquisition (off by default), as
+    /// [`RedisBackend::fencing`](crate::RedisBackend::fencing) does: one counter per key
+    /// ever locked, kept for the life of the backend.
+    pub fn fencing(mut self, on: bool) -> Self {
+        self.fencing = on;
+        self
+    }
+
     /// How many locks are held right now (expired leases not counted).
     pub fn held_count(&self) -> usize {
         let now = Instant::now();
@@ -60,32 +71,44 @@ impl InMemoryBackend {
 
     fn acquire_now(&self, key: &LockKey, token: Uuid, ttl: Duration) -> Acquire {
         let now = Instant::now();
+        let lease = Lease {
+            token,
+            expires_at: now + ttl,
+        };
         self.with_locks(|locks| {
-            if let Some(lease) = locks.held.get_mut(key) {
-                if lease.expires_at > now && lease.token != token {
-                    return Acquire::Held {
-                        remaining: Some(lease.expires_at - now),
-                    };
+            let renewed = match locks.held.get(key) {
+                Some(held) if held.expires_at > now && held.token != token => {
+                    let remaining = Some(held.expires_at - now);
+                    return Acquire::Held { remaining };
                 }
-                *lease = Lease {
-                    token,
-                    expires_at: now + ttl,
-                };
-                return Acquire::Acquired;
+                // Our own live lease: a retried attempt, recognised (no new fencing token).
+                Some(held) => held.expires_at > now,
+                None => {
+                    if locks.held.len() >= 2 * locks.swept_at.max(64) {
+                        locks.held.retain(|_, held| held.expires_at > now);
+                        locks.swept_at = locks.held.len();
+                    }
+                    false
+                }
+            };
+            locks.held.insert(key.clone(), lease);
+            Acquire::Acquired {
+                fencing_token: self.fence(locks, key, !renewed),
             }
-            if locks.held.len() >= 2 * locks.swept_at.max(64) {
-                locks.held.retain(|_, lease| lease.expires_at > now);
-                locks.swept_at = locks.held.len();
-            }
-            locks.held.insert(
-                key.clone(),
-                Lease {
-                    token,
-                    expires_at: now + ttl,
-                },
-            );
-            Acquire::Acquired
         })
+    }
+
+    /// The fencing token of an acquisition: a new one, or the current one when an
+    /// acquisition retried by its own token is recognised.
+    fn fence(&self, locks: &mut Locks, key: &LockKey, new: bool) -> Option<u64> {
+        if !self.fencing {
+            return None;
+        }
+        let counter = locks.fences.entry(key.clone()).or_default();
+        if new {
+            *counter += 1;
+        }
+        Some(*counter)
     }
 
     fn release_now(&self, key: &LockKey, token: Uuid) -> bool {

@@ -27,7 +27,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum Acquire {
     /// The lock is now held by the token that asked (or already was: an attempt retried
     /// after a lost reply recognises its own token and refreshes the lease).
-    Acquired,
+    Acquired {
+        /// With fencing on, this acquisition's fencing token: larger than that of every
+        /// earlier acquisition of the same key.
+        fencing_token: Option<u64>,
+    },
     /// Another token holds the lock.
     Held {
         /// How long the holder's lease still runs, when the backend knows.

@@ -8,7 +8,7 @@ use std::{
 
 use deadpool_redis::{
     Connection, Pool,
-    redis::{FromRedisValue, RedisError, Script, aio::MultiplexedConnection},
+    redis::{FromRedisValue, RedisError, Script, ScriptInvocation, aio::MultiplexedConnection},
 };
 use uuid::Uuid;
 
@@ -62,6 +62,7 @@ pub struct RedisBackend {
 struct Config {
     prefix: Box<str>,
     command_timeout: Duration,
+    fencing: bool,
 }
 
 impl RedisBackend {
@@ -73,6 +74,7 @@ impl RedisBackend {
             config: Arc::new(Config {
                 prefix: DEFAULT_PREFIX.into(),
                 command_timeout: DEFAULT_COMMAND_TIMEOUT,
+                fencing: false,
             }),
         }
     }
@@ -108,6 +110,19 @@ impl RedisBackend {
         self
     }
 
+    /// Hands out a fencing token with every acquisition (off by default); see
+    /// [`Held::fencing_token`](crate::Held::fencing_token).
+    ///
+    /// The token comes from `INCR` on the lock's counter key, [`fence_key`](Self::fence_key),
+    /// inside the acquire script: no extra round trip. The cost is memory: the counter
+    /// never expires, so Redis keeps one small key (about 60–100 bytes) for every lock key
+    /// ever used. Lock on keys of bounded cardinality (an order, a SKU, a tenant), or
+    /// budget for it.
+    pub fn fencing(mut self, on: bool) -> Self {
+        Arc::make_mut(&mut self.config).fencing = on;
+        self
+    }
+
     /// The pool this backend draws its connections from.
     pub fn pool(&self) -> &Pool {
         &self.pool
@@ -115,30 +130,45 @@ impl RedisBackend {
 
     /// The Redis key that stores the lock `key`: `<prefix>{<key>}`.
     pub fn redis_key(&self, key: &LockKey) -> String {
+        self.key_with_suffix(key, "")
+    }
+
+    /// The Redis key of the lock's fencing counter: `<prefix>{<key>}:fence`. It has no
+    /// expiry (a counter that restarted would hand out tokens a resource already saw).
+    pub fn fence_key(&self, key: &LockKey) -> String {
+        self.key_with_suffix(key, ":fence")
+    }
+
+    fn key_with_suffix(&self, key: &LockKey, suffix: &str) -> String {
         let prefix = &self.config.prefix;
-        let mut redis_key = String::with_capacity(prefix.len() + key.len() + 2);
+        let mut redis_key = String::with_capacity(prefix.len() + key.len() + 2 + suffix.len());
         redis_key.push_str(prefix);
         redis_key.push('{');
         redis_key.push_str(key.as_str());
         redis_key.push('}');
+        redis_key.push_str(suffix);
         redis_key
     }
 
-    /// Runs `script` on a pooled connection within the command timeout.
-    async fn run<T: FromRedisValue>(
+    /// `script` with the lock key as `KEYS[1]` and the token as `ARGV[1]`.
+    fn invocation(
         &self,
         script: &'static Script,
         key: &LockKey,
-        args: (Uuid, Option<Duration>),
-    ) -> Result<T, BackendError> {
-        let (token, ttl) = args;
+        token: Uuid,
+    ) -> ScriptInvocation<'static> {
         let mut invocation = script.prepare_invoke();
         invocation
             .key(self.redis_key(key))
             .arg(token.hyphenated().encode_lower(&mut Uuid::encode_buffer()) as &str);
-        if let Some(ttl) = ttl {
-            invocation.arg(lease_millis(ttl));
-        }
+        invocation
+    }
+
+    /// Runs a script on the shared connection within the command timeout.
+    async fn run<T: FromRedisValue>(
+        &self,
+        invocation: ScriptInvocation<'static>,
+    ) -> Result<T, BackendError> {
         let timeout = self.config.command_timeout;
         let call = async {
             let mut conn = self.connection().await?;
@@ -205,9 +235,19 @@ impl LockBackend for RedisBackend {
         token: Uuid,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
-        let reply: Vec<i64> = self.run(&ACQUIRE, key, (token, Some(ttl))).await?;
+        let mut invocation = self.invocation(&ACQUIRE, key, token);
+        invocation
+            .key(self.fence_key(key))
+            .arg(lease_millis(ttl))
+            .arg(if self.config.fencing { "1" } else { "0" });
+        let reply: Vec<i64> = self.run(invocation).await?;
         match reply.as_slice() {
-            [1] => Ok(Acquire::Acquired),
+            [1] if !self.config.fencing => Ok(Acquire::Acquired {
+                fencing_token: None,
+            }),
+            [1, fence] if self.config.fencing && *fence > 0 => Ok(Acquire::Acquired {
+                fencing_token: Some(fence.unsigned_abs()),
+            }),
             // PTTL is -1 for a key without expiry (not one of ours) and -2 if it vanished
             // between the calls; neither says when the lock frees up.
             [0, pttl] => Ok(Acquire::Held {
@@ -220,7 +260,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, key: &LockKey, token: Uuid) -> Result<bool, BackendError> {
-        let deleted: i64 = self.run(&RELEASE, key, (token, None)).await?;
+        let deleted: i64 = self.run(self.invocation(&RELEASE, key, token)).await?;
         Ok(deleted == 1)
     }
 
@@ -230,7 +270,9 @@ impl LockBackend for RedisBackend {
         token: Uuid,
         ttl: Duration,
     ) -> Result<bool, BackendError> {
-        let extended: i64 = self.run(&EXTEND, key, (token, Some(ttl))).await?;
+        let mut invocation = self.invocation(&EXTEND, key, token);
+        invocation.arg(lease_millis(ttl));
+        let extended: i64 = self.run(invocation).await?;
         Ok(extended == 1)
     }
 }
@@ -240,6 +282,7 @@ impl fmt::Debug for RedisBackend {
         f.debug_struct("RedisBackend")
             .field("prefix", &self.config.prefix)
             .field("command_timeout", &self.config.command_timeout)
+            .field("fencing", &self.config.fencing)
             .field("pool", &self.pool.status())
             .finish()
     }

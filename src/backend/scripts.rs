@@ -8,20 +8,28 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis::Script;
 
-/// `KEYS[1]` lock key, `ARGV[1]` token, `ARGV[2]` lease in ms.
+/// `KEYS[1]` lock key, `KEYS[2]` fence counter, `ARGV[1]` token, `ARGV[2]` lease in ms,
+/// `ARGV[3]` `1` to take a fencing token.
 ///
-/// Returns `{1}` when the token now holds the lock, `{0, pttl}` when another token does.
-/// The common case is the single `SET NX`. When it fails, a value equal to our own token
-/// means an earlier attempt of ours landed but its reply was lost: we hold the lock, so
-/// the lease is refreshed and the attempt succeeds.
+/// Returns `{1}` (or `{1, fencing token}`) when the token now holds the lock, `{0, pttl}`
+/// when another token does. The common case is the single `SET NX` (and `INCR`). When it
+/// fails, a value equal to our own token means an earlier attempt of ours landed but its
+/// reply was lost: we hold the lock, so the lease is refreshed and the attempt succeeds
+/// with the counter's current value, which no one else can have moved since.
 pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[3] == '1' then
+    return {1, redis.call('INCR', KEYS[2])}
+  end
   return {1}
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if ARGV[3] == '1' then
+    return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+  end
   return {1}
 end
 return {0, redis.call('PTTL', KEYS[1])}

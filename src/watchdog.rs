@@ -1,0 +1,116 @@
+//! Lease renewal while a lock is held (DESIGN §6).
+//!
+//! The watchdog is polled, not spawned: the layer's response future polls it beside the
+//! inner service, so it costs no task and stops the instant the future completes or is
+//! dropped. [`OwnedLock`](crate::OwnedLock), which has no future of its own to ride on,
+//! runs it in a task.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::time::{Instant, Sleep};
+
+use crate::{Held, LockBackend, backend::BackendError};
+
+type Renewal = Pin<Box<dyn Future<Output = Result<bool, BackendError>> + Send>>;
+
+/// How a lock was lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Loss {
+    /// A renewal found the key gone or owned by another token.
+    Taken,
+    /// Renewals failed until the lease deadline passed: the lock may have expired.
+    Expired,
+}
+
+/// Extends a lease every `every` until told to stop, and reports when the lock is lost.
+pub(crate) struct Watchdog<B: LockBackend> {
+    backend: B,
+    held: Held,
+    ttl: Duration,
+    every: Duration,
+    next_renewal: Instant,
+    /// One timer for whichever comes first: the next renewal or the lease deadline.
+    timer: Pin<Box<Sleep>>,
+    /// The renewal in flight, with the moment it was sent.
+    renewing: Option<(Instant, Renewal)>,
+}
+
+impl<B: LockBackend> Watchdog<B> {
+    pub(crate) fn new(backend: B, held: Held, ttl: Duration, every: Duration) -> Self {
+        let next_renewal = Instant::now() + every;
+        Self {
+            backend,
+            held,
+            ttl,
+            every,
+            next_renewal,
+            timer: Box::pin(tokio::time::sleep_until(next_renewal)),
+            renewing: None,
+        }
+    }
+
+    /// Drives the renewals. `Ready` once the lock is lost (and `Held` told so); the
+    /// watchdog must not be polled after that.
+    pub(crate) fn poll_lost(&mut self, cx: &mut Context<'_>) -> Poll<Loss> {
+        loop {
+            let now = Instant::now();
+            let deadline = self.held.lease_deadline();
+            if now >= deadline {
+                return self.lost(Loss::Expired);
+            }
+            if let Some((sent, renewal)) = &mut self.renewing {
+                let sent = *sent;
+                if let Poll::Ready(outcome) = renewal.as_mut().poll(cx) {
+                    self.renewing = None;
+                    match outcome {
+                        Ok(true) => {
+                            self.held.renewed(sent, self.ttl);
+                            self.next_renewal = sent + self.every;
+                            tracing::trace!(key = %self.held.key(), "lease renewed");
+                        }
+                        Ok(false) => return self.lost(Loss::Taken),
+                        Err(err) => {
+                            // Try again soon; the deadline check above ends the retries.
+                            tracing::warn!(key = %self.held.key(), error = %err, "lease renewal failed");
+                            self.next_renewal =
+                                Instant::now() + (self.every / 4).max(Duration::from_millis(10));
+                        }
+                    }
+                    continue;
+                }
+            } else if now >= self.next_renewal {
+                let (backend, key, token, ttl) = (
+                    self.backend.clone(),
+                    self.held.key().clone(),
+                    self.held.token(),
+                    self.ttl,
+                );
+                let renewal = async move { backend.extend(&key, token, ttl).await };
+                self.renewing = Some((now, Box::pin(renewal)));
+                continue;
+            }
+            let wake_at = match self.renewing {
+                Some(_) => deadline,
+                None => self.next_renewal.min(deadline),
+            };
+            if self.timer.deadline() != wake_at {
+                self.timer.as_mut().reset(wake_at);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn lost(&mut self, loss: Loss) -> Poll<Loss> {
+        tracing::warn!(key = %self.held.key(), ?loss, "lock lost");
+        self.renewing = None;
+        self.held.mark_lost();
+        Poll::Ready(loss)
+    }
+}
