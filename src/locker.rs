@@ -95,11 +95,11 @@ impl<B: LockBackend> Locker<B> {
     /// answer the layer would give, ready to return from a handler.
     pub async fn lock(&self, key: impl Into<LockKey>) -> Result<OwnedLock<B>, LockRejection> {
         let key = self.config.lock_key(key.into())?;
-        if let Some(request) = &self.request {
-            if request.keys().contains(&key) {
-                tracing::error!(%key, "a request asked again for a lock it holds");
-                return Err(LockRejection::AlreadyHeld);
-            }
+        if let Some(request) = &self.request
+            && request.keys().contains(&key)
+        {
+            tracing::error!(%key, "a request asked again for a lock it holds");
+            return Err(LockRejection::AlreadyHeld);
         }
         let Acquired { guard, held } = acquire(self.backend.clone(), key, self.config.wait)
             .await
