@@ -56,9 +56,13 @@ async fn pay(
     // The payment provider is slow; the lock keeps a second payment of this order out.
     tokio::time::sleep(Duration::from_millis(work_ms)).await;
     tracing::info!(key = %lock.key(), token = %lock.token(), "paid");
-    Ok(Json(
-        serde_json::json!({ "order_id": order_id, "paid": true }),
-    ))
+    // The fencing token goes with every write the lock protects: a payment store that
+    // refuses tokens older than the newest it saw cannot be written by a stale holder.
+    Ok(Json(serde_json::json!({
+        "order_id": order_id,
+        "paid": true,
+        "fencing_token": lock.fencing_token(),
+    })))
 }
 
 fn app<B: LockBackend>(backend: B) -> Router {
@@ -84,7 +88,7 @@ async fn redis_backend(url: &str) -> Result<RedisBackend, String> {
             .map_err(|err| err.to_string())
     };
     match tokio::time::timeout(Duration::from_secs(1), ping).await {
-        Ok(Ok(_)) => Ok(RedisBackend::new(pool)),
+        Ok(Ok(_)) => Ok(RedisBackend::new(pool).fencing(true)),
         Ok(Err(err)) => Err(err),
         Err(_) => Err("no answer within 1 s".to_owned()),
     }
@@ -101,7 +105,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = match std::env::var("REDIS_URL") {
         Err(_) => {
             println!("REDIS_URL is not set: using the in-process lock backend");
-            app(InMemoryBackend::new())
+            app(InMemoryBackend::new().fencing(true))
         }
         Ok(url) => match redis_backend(&url).await {
             Ok(backend) => {
@@ -112,7 +116,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!(
                     "Redis at {url} is unreachable ({err}): using the in-process lock backend"
                 );
-                app(InMemoryBackend::new())
+                app(InMemoryBackend::new().fencing(true))
             }
         },
     };

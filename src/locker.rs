@@ -65,6 +65,7 @@ pub(crate) struct RequestLocks {
 }
 
 impl RequestLocks {
+    #[cfg(feature = "axum")]
     pub(crate) fn new(held: Option<&Held>) -> Self {
         Self {
             keys: Mutex::new(held.map(|held| held.key().clone()).into_iter().collect()),

@@ -5,15 +5,22 @@ mod support;
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use axum::{
+    Json, Router,
+    extract::{FromRef, State},
+    routing::post,
+};
 use http::StatusCode;
-use support::{APP_TIMEOUT, Harness, app, eventually, serve};
-use tower_redis_lock::{Acquire, LockBackend, LockKey};
+use support::{APP_TIMEOUT, Counter, Harness, app, eventually, serve};
+use tower_redis_lock::{
+    Acquire, Held, LockBackend, LockKey, LockLayer, LockRejection, Locker, PathParam,
+};
 use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(30);
@@ -193,7 +200,7 @@ async fn no_lock_outlives_its_request(harness: &impl Harness) {
             0 => "work_ms=5",
             1 => "work_ms=5&outcome=error",
             2 => "work_ms=5&outcome=panic",
-            3 => "work_ms=5000", // the app's timeout cancels it
+            3 => "work_ms=8000", // the app's timeout cancels it
             _ => "work_ms=1500", // the client hangs up first
         };
         let request = client.post(format!("{url}/orders/{}/pay?{query}", i % 12));
@@ -314,6 +321,328 @@ async fn leases_expire(harness: &impl Harness) {
     assert!(backend.release(&key, next).await.unwrap());
 }
 
+/// A handler that runs three leases long keeps its lock throughout (the watchdog renews
+/// it): another instance is refused all along, and gets the lock right after.
+async fn renewal_keeps_a_long_handler_locked(harness: &impl Harness) {
+    let ttl = Duration::from_millis(900);
+    let first = serve(app(harness.instance(), harness.counter(), |layer| {
+        layer.ttl(ttl)
+    }))
+    .await;
+    let second = serve(app(harness.instance(), harness.counter(), |layer| {
+        layer.ttl(ttl).max_wait(Duration::ZERO)
+    }))
+    .await;
+    let client = reqwest::Client::new();
+    let long = tokio::spawn({
+        let request = client.post(format!(
+            "{first}/orders/3/pay?work_ms={}",
+            3 * ttl.as_millis()
+        ));
+        async move { request.send().await.unwrap().status() }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut refused = 0;
+    while !long.is_finished() {
+        let status = client
+            .post(format!("{second}/orders/3/pay"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if long.is_finished() {
+            break; // the lock may be free by now
+        }
+        assert_eq!(
+            status,
+            StatusCode::CONFLICT,
+            "lock lost after {refused} refusals"
+        );
+        refused += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(long.await.unwrap(), StatusCode::OK);
+    assert!(
+        refused >= 10,
+        "only {refused} attempts during the long handler"
+    );
+    let status = client
+        .post(format!("{second}/orders/3/pay"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::OK, "the lock outlived its request");
+}
+
+/// Fencing tokens grow strictly in acquisition order: 1,000 critical sections through two
+/// app instances each record theirs, and the record is strictly increasing.
+async fn fencing_tokens_increase_in_acquisition_order(harness: &impl Harness) {
+    async fn record(State(seen): State<Arc<Mutex<Vec<u64>>>>, lock: Held) -> StatusCode {
+        seen.lock()
+            .unwrap()
+            .push(lock.fencing_token().expect("fencing is on"));
+        tokio::task::yield_now().await;
+        StatusCode::OK
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let layer = LockLayer::new(harness.fenced_instance(), PathParam::new("id"))
+            .max_wait(Duration::from_secs(2));
+        let router = Router::new()
+            .route("/fenced/{id}", post(record))
+            .route_layer(layer)
+            .with_state(seen.clone());
+        urls.push(serve(router).await);
+    }
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..16)
+        .map(|worker| {
+            let (client, url) = (client.clone(), urls[worker % 2].clone());
+            tokio::spawn(async move {
+                let mut done = 0;
+                while done < 1000 / 16 + usize::from(worker < 1000 % 16) {
+                    let response = client
+                        .post(format!("{url}/fenced/hot"))
+                        .send()
+                        .await
+                        .unwrap();
+                    match response.status() {
+                        StatusCode::OK => done += 1,
+                        StatusCode::CONFLICT => {}
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1000);
+    assert!(
+        seen.windows(2).all(|pair| pair[0] < pair[1]),
+        "fencing tokens out of order"
+    );
+}
+
+/// A holder stalled past its lease presents a smaller token than the holder after it, so
+/// a storage that refuses old tokens refuses its late write.
+async fn a_stale_holder_has_the_smaller_token(harness: &impl Harness) {
+    let backend = harness.fenced_instance();
+    let key = LockKey::from("stale");
+    let lease = Duration::from_millis(200);
+    let Acquire::Acquired {
+        fencing_token: Some(stale),
+    } = backend
+        .try_acquire(&key, Uuid::new_v4(), lease)
+        .await
+        .unwrap()
+    else {
+        panic!("no fencing token");
+    };
+    tokio::time::sleep(lease * 2).await; // the holder "pauses" past its lease
+    let fresh_owner = Uuid::new_v4();
+    let Acquire::Acquired {
+        fencing_token: Some(fresh),
+    } = backend.try_acquire(&key, fresh_owner, TTL).await.unwrap()
+    else {
+        panic!("the expired lock was not free");
+    };
+    assert!(fresh > stale, "fresh {fresh} <= stale {stale}");
+    // The retried acquire of the current holder keeps its token.
+    assert_eq!(
+        backend.try_acquire(&key, fresh_owner, TTL).await.unwrap(),
+        Acquire::Acquired {
+            fencing_token: Some(fresh)
+        }
+    );
+
+    let mut store = FencedStore::default();
+    assert!(store.write(fresh, "new"));
+    assert!(
+        !store.write(stale, "late"),
+        "the stale holder's write was accepted"
+    );
+    assert_eq!(store.value, "new");
+}
+
+/// The storage side of fencing: refuses writes with a token older than the newest seen.
+#[derive(Default)]
+struct FencedStore {
+    newest: u64,
+    value: &'static str,
+}
+
+impl FencedStore {
+    fn write(&mut self, token: u64, value: &'static str) -> bool {
+        if token < self.newest {
+            return false;
+        }
+        self.newest = token;
+        self.value = value;
+        true
+    }
+}
+
+/// The in-handler form: a key from the body, locked with `Locker`; the same exclusion,
+/// answers and release-on-drop as the layer, and no waiting for a lock the request holds.
+#[derive(Clone)]
+struct TransferState<B> {
+    locker: Locker<B>,
+    counter: Counter,
+}
+
+impl<B: Clone> FromRef<TransferState<B>> for Locker<B> {
+    fn from_ref(state: &TransferState<B>) -> Self {
+        state.locker.clone()
+    }
+}
+
+async fn locker_in_a_handler<H: Harness>(harness: &H) {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        account: String,
+        #[serde(default)]
+        work_ms: u64,
+    }
+    async fn transfer<B: LockBackend>(
+        State(TransferState { locker, counter }): State<TransferState<B>>,
+        Json(body): Json<Body>,
+    ) -> Result<String, LockRejection> {
+        let lock = locker.lock(body.account.clone()).await?;
+        let balance = counter.get(&body.account).await;
+        tokio::time::sleep(Duration::from_millis(body.work_ms)).await;
+        counter.set(&body.account, balance + 1).await;
+        Ok(lock.key().to_string())
+    }
+    async fn twice<B: LockBackend>(locker: Locker<B>) -> Result<&'static str, LockRejection> {
+        let first = locker.lock("twice").await?;
+        let again = locker.lock("twice").await.err();
+        assert!(matches!(again, Some(LockRejection::AlreadyHeld)));
+        first.release().await;
+        let _second = locker.lock("twice").await?;
+        Ok("ok")
+    }
+    async fn under_layer<B: LockBackend>(locker: Locker<B>) -> Result<&'static str, LockRejection> {
+        // The layer holds `acct:7` for this request already.
+        locker.lock("7").await?;
+        Ok("unreachable")
+    }
+
+    let locker = Locker::new(harness.instance())
+        .key_prefix("acct:")
+        .max_wait(Duration::from_millis(300))
+        .retry_after(Duration::from_secs(30));
+    let counter = harness.counter();
+    let router = Router::new()
+        .route("/transfer", post(transfer::<H::Backend>))
+        .route("/twice", post(twice::<H::Backend>))
+        .route(
+            "/under-layer/{id}",
+            post(under_layer::<H::Backend>).layer(
+                LockLayer::new(harness.instance(), PathParam::new("id")).key_prefix("acct:"),
+            ),
+        )
+        .with_state(TransferState {
+            locker,
+            counter: counter.clone(),
+        });
+    let url = serve(router).await;
+    let client = reqwest::Client::new();
+
+    // Mutual exclusion.
+    let ok = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, url, ok) = (client.clone(), url.clone(), ok.clone());
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    let response = client
+                        .post(format!("{url}/transfer"))
+                        .json(&serde_json::json!({ "account": "a", "work_ms": 2 }))
+                        .send()
+                        .await
+                        .unwrap();
+                    match response.status() {
+                        StatusCode::OK => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        StatusCode::CONFLICT => {}
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let ok = ok.load(Ordering::Relaxed);
+    assert!(ok >= 16, "only {ok} of 32 got through");
+    assert_eq!(
+        counter.get("a").await,
+        ok as u64,
+        "lost updates: the lock leaked"
+    );
+
+    // Contention answers like the layer; a dropped request releases at once.
+    let slow = client
+        .post(format!("{url}/transfer"))
+        .json(&serde_json::json!({ "account": "b", "work_ms": 20_000 }))
+        .timeout(Duration::from_millis(1500))
+        .send();
+    let contended = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        client
+            .post(format!("{url}/transfer"))
+            .json(&serde_json::json!({ "account": "b" }))
+            .send()
+            .await
+            .unwrap()
+    };
+    let (slow, contended) = tokio::join!(slow, contended);
+    assert!(slow.is_err(), "the slow request should have been cut off");
+    assert_eq!(contended.status(), StatusCode::CONFLICT);
+    let retry_after: u64 = contended.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&retry_after));
+    let after_drop = client
+        .post(format!("{url}/transfer"))
+        .json(&serde_json::json!({ "account": "b" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        after_drop.status(),
+        StatusCode::OK,
+        "the dropped request kept its lock"
+    );
+
+    // Not reentrant, and says so at once instead of waiting for itself.
+    let response = client.post(format!("{url}/twice")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let started = Instant::now();
+    let response = client
+        .post(format!("{url}/under-layer/7"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(response.text().await.unwrap().contains("not reentrant"));
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "it waited for itself"
+    );
+    assert!(eventually(Duration::from_secs(5), || harness.held_locks() == 0).await);
+}
+
 macro_rules! behaviour_tests {
     ($backend:ident, $harness:expr) => {
         mod $backend {
@@ -362,6 +691,26 @@ macro_rules! behaviour_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn leases_expire() {
                 super::leases_expire(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn renewal_keeps_a_long_handler_locked() {
+                super::renewal_keeps_a_long_handler_locked(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn fencing_tokens_increase_in_acquisition_order() {
+                super::fencing_tokens_increase_in_acquisition_order(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_stale_holder_has_the_smaller_token() {
+                super::a_stale_holder_has_the_smaller_token(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn locker_in_a_handler() {
+                super::locker_in_a_handler(&$harness).await;
             }
         }
     };

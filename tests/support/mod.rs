@@ -26,7 +26,7 @@ use tower_redis_lock::{Held, InMemoryBackend, LockBackend, LockLayer, PathParam,
 pub use self::redis_server::RedisServer;
 
 /// How long the test app lets a handler run before its outer timeout cancels it.
-pub const APP_TIMEOUT: Duration = Duration::from_secs(2);
+pub const APP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A pool to `url` whose every wait is bounded.
 pub fn pool(url: &str) -> Pool {
@@ -49,6 +49,8 @@ pub trait Harness: Send + Sync + 'static {
     type Backend: LockBackend;
     /// The backend of one app instance (for Redis: its own pool).
     fn instance(&self) -> Self::Backend;
+    /// The same, handing out fencing tokens.
+    fn fenced_instance(&self) -> Self::Backend;
     /// Storage for the handlers' counters, shared by every instance.
     fn counter(&self) -> Counter;
     /// How many locks exist right now.
@@ -73,6 +75,10 @@ impl Harness for Memory {
 
     fn instance(&self) -> InMemoryBackend {
         self.backend.clone()
+    }
+
+    fn fenced_instance(&self) -> InMemoryBackend {
+        self.backend.clone().fencing(true)
     }
 
     fn counter(&self) -> Counter {
@@ -102,6 +108,10 @@ impl Harness for Redis {
 
     fn instance(&self) -> RedisBackend {
         RedisBackend::new(pool(&self.server.url())).command_timeout(Duration::from_millis(500))
+    }
+
+    fn fenced_instance(&self) -> RedisBackend {
+        self.instance().fencing(true)
     }
 
     fn counter(&self) -> Counter {
@@ -178,6 +188,7 @@ async fn pay(
             "order_id": order_id,
             "count": count + 1,
             "key": lock.key().as_str(),
+            "fencing_token": lock.fencing_token(),
         }))),
     }
 }
