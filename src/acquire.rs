@@ -3,7 +3,7 @@
 //! Kept apart from the response future so that smarter waiting (release notifications,
 //! local queues) changes this module and the backends, not the layer.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -11,7 +11,8 @@ use uuid::Uuid;
 use crate::{
     Held, LockBackend, LockKey,
     backend::{Acquire, BackendError},
-    guard::LockGuard,
+    guard::{LockGuard, saturating_add},
+    queue::{Entry, Grant, HandOff, LocalQueues, Turn},
 };
 
 /// Exponential backoff with full jitter: attempt `n` sleeps a uniformly random time in
@@ -39,6 +40,10 @@ pub(crate) struct WaitPolicy {
     pub(crate) backoff: Backoff,
 }
 
+/// How long a waiter whose turn came from a release that other processes heard of lets
+/// them try first: long enough for a notified waiter elsewhere to get its attempt in.
+const STEP_ASIDE: Duration = Duration::from_millis(5);
+
 /// A lock taken: the guard that releases it and the handle the handler sees.
 pub(crate) struct Acquired<B: LockBackend> {
     pub(crate) guard: LockGuard<B>,
@@ -54,21 +59,63 @@ pub(crate) enum AcquireError {
     Unavailable(BackendError),
 }
 
-/// Takes `key` with a fresh token, waiting at most `policy.max_wait` (plus one backend
-/// operation) for it.
+/// Takes `key`, waiting at most `policy.max_wait` (plus one backend operation) for it.
 ///
-/// Backend errors are retried like contention while time remains: a dropped connection
-/// or a lost reply is often over by the next attempt, and a retry with the same token
-/// recognises an attempt of ours that did land.
+/// With local queues, requests of this process line up for the key and only the first
+/// asks the backend; a finished holder hands the lock to the next in line.
 pub(crate) async fn acquire<B: LockBackend>(
     backend: B,
     key: LockKey,
     policy: WaitPolicy,
+    queues: Option<Arc<LocalQueues<B>>>,
 ) -> Result<Acquired<B>, AcquireError> {
-    let deadline = Instant::now() + policy.max_wait;
+    let deadline = saturating_add(Instant::now(), policy.max_wait);
+    let Some(queues) = queues else {
+        return from_backend(backend, key, policy, deadline, None).await;
+    };
+    let turn = match queues.enter(&key) {
+        Entry::Turn(turn) => turn,
+        Entry::Queued(place) => match place.wait(deadline).await {
+            Some(Grant::HandOff(offer)) => match take_over(offer, policy).await {
+                TakeOver::Acquired(acquired) => return Ok(acquired),
+                TakeOver::Failed(err) => return Err(err),
+                TakeOver::Turn(turn) => turn,
+            },
+            Some(Grant::Turn { turn, step_aside }) => {
+                if step_aside {
+                    let pause = STEP_ASIDE.min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(pause).await;
+                }
+                turn
+            }
+            // The holder is here; its lease is unknown to us.
+            None => return Err(AcquireError::Contended { remaining: None }),
+        },
+    };
+    // On failure the unused turn passes to the next in line as it drops.
+    let acquired = from_backend(backend, key, policy, deadline, Some(queues)).await?;
+    turn.used();
+    Ok(acquired)
+}
+
+/// Attempts in the backend with a fresh token until acquired or the deadline passes.
+///
+/// Backend errors are retried like contention while time remains: a dropped connection
+/// or a lost reply is often over by the next attempt, and a retry with the same token
+/// recognises an attempt of ours that did land.
+async fn from_backend<B: LockBackend>(
+    backend: B,
+    key: LockKey,
+    policy: WaitPolicy,
+    deadline: Instant,
+    queue: Option<Arc<LocalQueues<B>>>,
+) -> Result<Acquired<B>, AcquireError> {
     // Armed whenever an attempt might have taken the lock without us knowing: if this
     // future is dropped or gives up then, the guard releases the token in the background.
     let mut guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
+    // Once an attempt failed without an answer, it may still run on the server later (a
+    // stalled connection): the token stays suspect, and is released on the way out.
+    let mut in_doubt = false;
     let mut attempt = 0;
     loop {
         let lease_start = Instant::now();
@@ -79,17 +126,15 @@ pub(crate) async fn acquire<B: LockBackend>(
             .await;
         let remaining = match outcome {
             Ok(Acquire::Acquired { fencing_token }) => {
-                let held = Held::new(
-                    guard.key().clone(),
-                    guard.token(),
-                    fencing_token,
-                    lease_start,
-                    policy.ttl,
-                );
+                let (key, token) = (guard.key().clone(), guard.token());
+                let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
+                guard.acquired(&held, queue);
                 return Ok(Acquired { guard, held });
             }
             Ok(Acquire::Held { remaining }) => {
-                guard.disarm();
+                if !in_doubt {
+                    guard.disarm();
+                }
                 if Instant::now() >= deadline {
                     return Err(AcquireError::Contended { remaining });
                 }
@@ -97,19 +142,63 @@ pub(crate) async fn acquire<B: LockBackend>(
             }
             Err(err) => {
                 tracing::debug!(key = %guard.key(), error = %err, "lock attempt failed");
+                in_doubt = true;
                 if Instant::now() >= deadline {
                     return Err(AcquireError::Unavailable(err));
                 }
                 None
             }
         };
-        let mut pause = policy.backoff.delay(attempt).min(deadline - Instant::now());
+        let mut pause = policy
+            .backoff
+            .delay(attempt)
+            .min(deadline.saturating_duration_since(Instant::now()));
         if let Some(remaining) = remaining {
             // The lock is free by the end of the holder's lease at the latest.
             pause = pause.min(remaining + Duration::from_millis(1));
         }
         guard.backend().wait_for_release(guard.key(), pause).await;
         attempt = attempt.saturating_add(1);
+    }
+}
+
+enum TakeOver<B: LockBackend> {
+    Acquired(Acquired<B>),
+    Failed(AcquireError),
+    /// The handed-off lock had expired; the taker asks the backend itself.
+    Turn(Turn<B>),
+}
+
+/// Takes over a lock handed off within the process. No backend call when its lease has
+/// two thirds of the ttl left and no fencing token is due; otherwise one call resets the
+/// lease (and takes a new fencing token) under the same owner token.
+async fn take_over<B: LockBackend>(offer: HandOff<B>, policy: WaitPolicy) -> TakeOver<B> {
+    let HandOff {
+        mut guard,
+        lease_deadline,
+        fenced,
+    } = offer;
+    let (key, token) = (guard.key().clone(), guard.token());
+    let lease_start = Instant::now();
+    if !fenced && lease_deadline.saturating_duration_since(lease_start) > policy.ttl * 2 / 3 {
+        let held = Held::with_deadline(key, token, None, lease_deadline);
+        guard.acquired(&held, None);
+        return TakeOver::Acquired(Acquired { guard, held });
+    }
+    match guard.backend().try_acquire(&key, token, policy.ttl).await {
+        Ok(Acquire::Acquired { fencing_token }) => {
+            let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
+            guard.acquired(&held, None);
+            TakeOver::Acquired(Acquired { guard, held })
+        }
+        Ok(Acquire::Held { remaining }) => match guard.into_turn() {
+            Some(turn) => TakeOver::Turn(turn),
+            None => TakeOver::Failed(AcquireError::Contended { remaining }),
+        },
+        Err(err) => {
+            guard.keep_from_hand_off();
+            TakeOver::Failed(AcquireError::Unavailable(err))
+        }
     }
 }
 
@@ -149,13 +238,18 @@ mod tests {
     async fn waits_until_the_deadline_then_reports_the_holders_lease() {
         let backend = InMemoryBackend::new();
         let key = LockKey::from("k");
-        let first = acquire(backend.clone(), key.clone(), policy(Duration::ZERO))
+        let first = acquire(backend.clone(), key.clone(), policy(Duration::ZERO), None)
             .await
             .unwrap();
         let started = Instant::now();
-        let err = acquire(backend.clone(), key, policy(Duration::from_millis(700)))
-            .await
-            .err();
+        let err = acquire(
+            backend.clone(),
+            key,
+            policy(Duration::from_millis(700)),
+            None,
+        )
+        .await
+        .err();
         assert!(Instant::now() - started >= Duration::from_millis(700));
         match err {
             Some(AcquireError::Contended {
@@ -176,9 +270,11 @@ mod tests {
             ttl: Duration::from_millis(300),
             ..policy(Duration::ZERO)
         };
-        let mut first = acquire(backend.clone(), key.clone(), short).await.unwrap();
+        let mut first = acquire(backend.clone(), key.clone(), short, None)
+            .await
+            .unwrap();
         first.guard.disarm(); // let it expire instead of releasing
-        let second = acquire(backend.clone(), key, policy(Duration::from_secs(2))).await;
+        let second = acquire(backend.clone(), key, policy(Duration::from_secs(2)), None).await;
         assert!(second.is_ok());
     }
 }

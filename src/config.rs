@@ -29,6 +29,8 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 pub const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Default longest accepted key, in bytes.
 pub const DEFAULT_MAX_KEY_LEN: usize = 512;
+/// Default number of hand-offs in a row within one process before a real release.
+pub const DEFAULT_MAX_HAND_OFFS: u32 = 8;
 
 /// What to do with a request whose key function found no key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -307,8 +309,31 @@ macro_rules! lock_settings {
         }
 
         /// Turns the watchdog off: the lease is the ttl, however long the holder runs.
+        /// The lock still counts as lost past its lease deadline.
         pub fn without_renewal(mut self) -> Self {
             self.config_mut().renewal = $crate::config::Renewal::Off;
+            self
+        }
+
+        /// How many times in a row a finished holder may hand the lock straight to the
+        /// next request of this process waiting for the same key (default 8), before it
+        /// releases in the backend for real.
+        ///
+        /// A hand-off needs no backend round trip (one, when a fencing token is due or
+        /// the lease runs low), so a hot key served by one process runs close to the
+        /// speed of its critical sections. The cap is the price of fairness: after it,
+        /// the lock goes back to the backend, where waiters of other processes, told of
+        /// the release, get the first try. 0 keeps the queue (one request of this
+        /// process asks the backend at a time) without hand-offs.
+        pub fn max_hand_offs(mut self, max: u32) -> Self {
+            self.queues = Some($crate::queue::LocalQueues::new(max));
+            self
+        }
+
+        /// No local queue: every waiting request asks the backend itself, as it would
+        /// across processes. Mostly a baseline for benchmarks.
+        pub fn without_local_queue(mut self) -> Self {
+            self.queues = None;
             self
         }
     };

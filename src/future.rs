@@ -134,10 +134,12 @@ where
                     let mut request = request.take().expect("polled after completion");
                     let next = match outcome {
                         Ok(Acquired { guard, held }) => {
-                            let watchdog = this.config.renew_every().map(|every| {
-                                let backend = guard.backend().clone();
-                                Watchdog::new(backend, held.clone(), this.config.wait.ttl, every)
-                            });
+                            let watchdog = Some(Watchdog::new(
+                                guard.backend().clone(),
+                                held.clone(),
+                                this.config.wait.ttl,
+                                this.config.renew_every(),
+                            ));
                             request.extensions_mut().insert(held);
                             let future = service.call(request);
                             State::Calling {
@@ -166,24 +168,19 @@ where
                     guard,
                     watchdog,
                 } => {
-                    let Poll::Ready(output) = future.poll(cx) else {
-                        let Some(Poll::Ready(loss)) = watchdog.as_mut().map(|w| w.poll_lost(cx))
-                        else {
-                            return Poll::Pending;
-                        };
+                    // The lease first: a handler is not polled on past a lost lock.
+                    if let Some(Poll::Ready(loss)) = watchdog.as_mut().map(|w| w.poll_lost(cx)) {
                         *watchdog = None;
-                        match this.config.loss_policy {
-                            // The handler was told through `Held`; it decides.
-                            LossPolicy::Signal => return Poll::Pending,
-                            LossPolicy::Abort => {
-                                // Dropping the state drops the handler's future; the guard
-                                // still releases, in case the lease was merely unreachable.
-                                let rejection = this.config.loss(loss);
-                                this.state.set(State::Rejected { response: None });
-                                return Poll::Ready(Ok(this.config.respond(&rejection)));
-                            }
+                        if this.config.loss_policy == LossPolicy::Abort {
+                            // Dropping the state drops the handler's future; the guard
+                            // still releases, in case the lease was merely unreachable.
+                            let rejection = this.config.loss(loss);
+                            this.state.set(State::Rejected { response: None });
+                            return Poll::Ready(Ok(this.config.respond(&rejection)));
                         }
-                    };
+                        // `Signal`: the handler was told through `Held`; it decides.
+                    }
+                    let output = ready!(future.poll(cx));
                     let guard = guard.take().expect("polled after completion");
                     let release = Box::pin(guard.release(this.config.release_timeout));
                     this.state.set(State::Releasing {

@@ -13,7 +13,10 @@ use std::{
 use tokio::{sync::watch, time::Instant};
 use uuid::Uuid;
 
-use crate::{LockBackend, LockKey};
+use crate::{
+    LockBackend, LockKey,
+    queue::{HandOff, LocalQueues, Turn},
+};
 
 /// The lock a request holds, as its handler sees it.
 ///
@@ -48,6 +51,19 @@ impl Held {
         lease_start: Instant,
         ttl: Duration,
     ) -> Self {
+        let held = Self::with_deadline(key, token, fencing_token, lease_start);
+        held.renewed(lease_start, ttl);
+        held
+    }
+
+    /// A view whose lease ends at `deadline` (drift already taken off): a lock handed over
+    /// within the process keeps its predecessor's lease.
+    pub(crate) fn with_deadline(
+        key: LockKey,
+        token: Uuid,
+        fencing_token: Option<u64>,
+        deadline: Instant,
+    ) -> Self {
         let held = Self {
             inner: Arc::new(HeldInner {
                 key,
@@ -58,13 +74,16 @@ impl Held {
                 lost: watch::Sender::new(false),
             }),
         };
-        held.renewed(lease_start, ttl);
+        held.set_deadline(deadline);
         held
     }
 
     /// Moves the deadline to `lease_start + ttl − drift` after a renewal sent at `lease_start`.
     pub(crate) fn renewed(&self, lease_start: Instant, ttl: Duration) {
-        let deadline = lease_start + ttl.saturating_sub(drift(ttl));
+        self.set_deadline(lease_end(lease_start, ttl));
+    }
+
+    fn set_deadline(&self, deadline: Instant) {
         let nanos = deadline
             .saturating_duration_since(self.inner.acquired_at)
             .as_nanos();
@@ -118,18 +137,30 @@ impl Held {
             .saturating_duration_since(Instant::now())
     }
 
-    /// Whether the lock is known lost: a renewal found it gone or owned by someone else,
-    /// or renewals failed until the lease deadline passed.
+    /// Whether the lock is lost: a renewal found it gone or owned by someone else, or the
+    /// lease deadline has passed without a renewal (whether or not the watchdog has run).
     pub fn is_lost(&self) -> bool {
-        *self.inner.lost.borrow()
+        *self.inner.lost.borrow() || Instant::now() >= self.lease_deadline()
     }
 
-    /// Resolves when the lock is lost; pending for as long as it is held. For handlers
-    /// under the `Signal` policy, to `select!` on beside their work.
+    /// Resolves when the lock is lost (as [`is_lost`](Self::is_lost) tells); pending for
+    /// as long as it is held. For handlers under the `Signal` policy, to `select!` on
+    /// beside their work.
     pub async fn lost(&self) {
         let mut lost = self.inner.lost.subscribe();
-        // `wait_for` fails only once the sender is gone, and `self` keeps it alive.
-        let _ = lost.wait_for(|lost| *lost).await;
+        loop {
+            // The deadline moves with each renewal: sleep to the current one, then look again.
+            let deadline = self.lease_deadline();
+            tokio::select! {
+                // `wait_for` fails only once the sender is gone, and `self` keeps it alive.
+                _ = lost.wait_for(|lost| *lost) => return,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if Instant::now() >= self.lease_deadline() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -150,11 +181,29 @@ pub(crate) fn drift(ttl: Duration) -> Duration {
     ttl / 100 + Duration::from_millis(2)
 }
 
+/// When a lease taken at `lease_start` ends on our clock: `ttl` minus the drift margin.
+pub(crate) fn lease_end(lease_start: Instant, ttl: Duration) -> Instant {
+    saturating_add(lease_start, ttl.saturating_sub(drift(ttl)))
+}
+
+/// `instant + duration`, or a point a century away when that overflows (a "forever"
+/// setting such as `Duration::MAX`).
+pub(crate) fn saturating_add(instant: Instant, duration: Duration) -> Instant {
+    instant
+        .checked_add(duration)
+        .unwrap_or_else(|| instant + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// Releases a lock that may be held, on every path: explicitly with [`release`], or from
 /// `Drop` when the future that owns it is dropped (client gone, outer timeout, panic).
 ///
 /// "May be held" includes an acquire whose reply never came: the server may have run it,
 /// and releasing a token that holds nothing is harmless (compare-and-delete).
+///
+/// A guard that belongs to a local queue first offers its lock to the next waiter of this
+/// process (a hand-off, no backend call); only when there is none, or the hand-off cap is
+/// reached, does it release in the backend and then give the queue's next waiter its turn
+/// to ask the backend.
 ///
 /// [`release`]: LockGuard::release
 pub(crate) struct LockGuard<B: LockBackend> {
@@ -162,6 +211,13 @@ pub(crate) struct LockGuard<B: LockBackend> {
     key: LockKey,
     token: Uuid,
     armed: bool,
+    /// The lock's view once acquired: its lease deadline and lost flag travel with a
+    /// hand-off.
+    held: Option<Held>,
+    /// The local queue the lock belongs to, and whether it may still be handed on (not
+    /// once a release has been sent, or an outcome is in doubt).
+    queue: Option<Arc<LocalQueues<B>>>,
+    may_hand_off: bool,
 }
 
 impl<B: LockBackend> LockGuard<B> {
@@ -172,6 +228,9 @@ impl<B: LockBackend> LockGuard<B> {
             key,
             token,
             armed: false,
+            held: None,
+            queue: None,
+            may_hand_off: false,
         }
     }
 
@@ -195,11 +254,87 @@ impl<B: LockBackend> LockGuard<B> {
         self.token
     }
 
-    /// Releases now, waiting at most `timeout`. If the backend does not confirm in time,
-    /// the guard's `Drop` tries once more in the background; the lease is the last resort.
+    /// Records the acquired lock's view and, with a local queue (given now, or already
+    /// joined by a hand-off), lets it be handed on.
+    pub(crate) fn acquired(&mut self, held: &Held, queue: Option<Arc<LocalQueues<B>>>) {
+        self.held = Some(held.clone());
+        if queue.is_some() {
+            self.queue = queue;
+        }
+        self.may_hand_off = self.queue.is_some();
+    }
+
+    /// Forbids handing this lock on: its state in the backend is in doubt.
+    pub(crate) fn keep_from_hand_off(&mut self) {
+        self.may_hand_off = false;
+    }
+
+    /// Gives up a lock that turned out not to be held (a hand-off whose lease had gone):
+    /// nothing to release, and the caller takes over the queue's turn to ask the backend.
+    pub(crate) fn into_turn(mut self) -> Option<Turn<B>> {
+        self.armed = false;
+        let queue = self.queue.take()?;
+        Some(Turn::new(queue, self.key.clone()))
+    }
+
+    /// Offers the lock to the next local waiter. True when one took it.
+    fn try_hand_off(&mut self) -> bool {
+        let (true, Some(queue), Some(held)) = (self.may_hand_off, &self.queue, &self.held) else {
+            return false;
+        };
+        if !self.armed || held.is_lost() {
+            return false;
+        }
+        let offer = HandOff {
+            guard: LockGuard {
+                backend: self.backend.clone(),
+                key: self.key.clone(),
+                token: self.token,
+                armed: true,
+                held: None,
+                queue: Some(queue.clone()),
+                may_hand_off: true,
+            },
+            lease_deadline: held.lease_deadline(),
+            fenced: held.fencing_token().is_some(),
+        };
+        match queue.hand_off(&self.key, offer) {
+            Ok(()) => {
+                self.armed = false;
+                self.queue = None;
+                true
+            }
+            Err(offer) => {
+                offer.into_guard().defuse();
+                false
+            }
+        }
+    }
+
+    /// Makes the guard's drop do nothing (for a copy that was never handed over).
+    fn defuse(mut self) {
+        self.armed = false;
+        self.queue = None;
+    }
+
+    /// Hands the lock to a local waiter, or releases it now, waiting at most `timeout`.
+    /// If the backend does not confirm in time, the guard's `Drop` tries once more in the
+    /// background; the lease is the last resort.
     pub(crate) async fn release(mut self, timeout: Duration) {
+        if self.try_hand_off() {
+            return;
+        }
+        self.may_hand_off = false;
+        if !self.armed {
+            return; // Drop gives the queue its next turn
+        }
         match tokio::time::timeout(timeout, self.backend.release(&self.key, self.token)).await {
-            Ok(Ok(_)) => self.disarm(),
+            Ok(Ok(released)) => {
+                self.armed = false;
+                if let Some(queue) = self.queue.take() {
+                    queue.pass_turn(&self.key, released.notified > 0);
+                }
+            }
             Ok(Err(err)) => {
                 tracing::warn!(key = %self.key, error = %err, "lock release failed; retrying in the background");
             }
@@ -212,21 +347,35 @@ impl<B: LockBackend> LockGuard<B> {
 
 impl<B: LockBackend> Drop for LockGuard<B> {
     fn drop(&mut self) {
+        if self.try_hand_off() {
+            return;
+        }
+        let queue = self.queue.take();
         if !self.armed {
+            if let Some(queue) = queue {
+                queue.pass_turn(&self.key, false);
+            }
             return;
         }
         // Drop must neither block nor panic: hand the release to the runtime if there is
         // one, and otherwise let the lease expire.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(key = %self.key, "no tokio runtime to release the lock; it will expire with its lease");
+            if let Some(queue) = queue {
+                queue.pass_turn(&self.key, false);
+            }
             return;
         };
         let backend = self.backend.clone();
         let key = self.key.clone();
         let token = self.token;
         runtime.spawn(async move {
-            if let Err(err) = backend.release(&key, token).await {
+            let released = backend.release(&key, token).await;
+            if let Err(err) = &released {
                 tracing::warn!(key = %key, error = %err, "background lock release failed; it will expire with its lease");
+            }
+            if let Some(queue) = queue {
+                queue.pass_turn(&key, released.is_ok_and(|r| r.notified > 0));
             }
         });
     }
@@ -238,6 +387,7 @@ impl<B: LockBackend> fmt::Debug for LockGuard<B> {
             .field("key", &self.key)
             .field("token", &self.token)
             .field("armed", &self.armed)
+            .field("queued", &self.queue.is_some())
             .finish()
     }
 }

@@ -8,7 +8,8 @@ use tower_layer::Layer;
 
 use crate::{
     Lock, LockBackend, LockRejection, MakeLockKey,
-    config::{FailMode, LockConfig, LossPolicy, MissingKey},
+    config::{DEFAULT_MAX_HAND_OFFS, FailMode, LockConfig, LossPolicy, MissingKey},
+    queue::LocalQueues,
 };
 
 /// Locks each request on a key derived from it, around the inner service.
@@ -27,6 +28,14 @@ use crate::{
 /// | empty or over-long key | 400 |
 /// | backend unavailable | 503, `Retry-After`; the inner service unlocked with [`FailMode::Open`] |
 /// | lock lost while the handler runs | 503 and the handler dropped ([`LossPolicy::Abort`]), or the handler told ([`LossPolicy::Signal`]) |
+///
+/// Requests of this process for one key line up in a local queue: only the first asks the
+/// backend, and a finished holder hands the lock to the next without a backend round trip
+/// (see [`max_hand_offs`](Self::max_hand_offs)).
+///
+/// While a request waits for its lock, it keeps the inner service instance that was polled
+/// ready (and whatever that reserved, such as a `ConcurrencyLimit` permit): put this layer
+/// inside backpressure layers, not around them. axum routes reserve nothing.
 ///
 /// Rejections have an `application/problem+json` body. The response body type must be
 /// `From<Bytes>`, as axum's `Body` is. Cloning the layer is cheap and shares the backend.
@@ -52,8 +61,11 @@ use crate::{
 ///     );
 /// ```
 #[must_use]
-pub struct LockLayer<B, K> {
+pub struct LockLayer<B: LockBackend, K> {
     backend: B,
+    /// Shared by the layer's clones and services: requests of this process for one key
+    /// line up here.
+    queues: Option<Arc<LocalQueues<B>>>,
     make_key: K,
     config: Arc<LockConfig>,
 }
@@ -63,17 +75,19 @@ impl<B: LockBackend, K: MakeLockKey> LockLayer<B, K> {
     /// defaults: ttl 10 s renewed every 3.3 s, max wait 1 s, backoff 50 ms doubling to
     /// 250 ms with full jitter, 409 on contention, `Retry-After` at most 1 s, 400 without
     /// a key, 503 when the backend fails or the lock is lost, keys up to 512 bytes,
-    /// release awaited up to 200 ms.
+    /// release awaited up to 200 ms, requests of this process for one key queued locally
+    /// with up to 8 hand-offs in a row.
     pub fn new(backend: B, make_key: K) -> Self {
         Self {
             backend,
+            queues: Some(LocalQueues::new(DEFAULT_MAX_HAND_OFFS)),
             make_key,
             config: Arc::new(LockConfig::default()),
         }
     }
 }
 
-impl<B, K> LockLayer<B, K> {
+impl<B: LockBackend, K> LockLayer<B, K> {
     fn config_mut(&mut self) -> &mut LockConfig {
         Arc::make_mut(&mut self.config)
     }
@@ -99,8 +113,9 @@ impl<B, K> LockLayer<B, K> {
         self
     }
 
-    /// Replaces the default problem+json answers (contended, no key, bad key,
-    /// unavailable) with your own. The body is converted with `From<Bytes>`.
+    /// Replaces the default problem+json answers (every [`LockRejection`]: contended, no
+    /// key, bad key, unavailable, lock lost) with your own. The body is converted with
+    /// `From<Bytes>`.
     ///
     /// ```
     /// use bytes::Bytes;
@@ -125,33 +140,36 @@ impl<B, K> LockLayer<B, K> {
     }
 }
 
-impl<S, B: Clone, K: Clone> Layer<S> for LockLayer<B, K> {
+impl<S, B: LockBackend, K: Clone> Layer<S> for LockLayer<B, K> {
     type Service = Lock<S, B, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Lock::from_parts(
             inner,
             self.backend.clone(),
+            self.queues.clone(),
             self.make_key.clone(),
             self.config.clone(),
         )
     }
 }
 
-impl<B: Clone, K: Clone> Clone for LockLayer<B, K> {
+impl<B: LockBackend, K: Clone> Clone for LockLayer<B, K> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
+            queues: self.queues.clone(),
             make_key: self.make_key.clone(),
             config: self.config.clone(),
         }
     }
 }
 
-impl<B: fmt::Debug, K> fmt::Debug for LockLayer<B, K> {
+impl<B: LockBackend + fmt::Debug, K> fmt::Debug for LockLayer<B, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockLayer")
             .field("backend", &self.backend)
+            .field("local_queue", &self.queues.is_some())
             .field("make_key", &std::any::type_name::<K>())
             .field("config", &self.config)
             .finish()

@@ -20,6 +20,7 @@ mod guard;
 mod key;
 mod layer;
 mod locker;
+mod queue;
 mod rejection;
 mod service;
 mod watchdog;
@@ -28,11 +29,11 @@ mod watchdog;
 mod extract;
 
 pub use crate::{
-    backend::{Acquire, BackendError, InMemoryBackend, LockBackend},
+    backend::{Acquire, BackendError, InMemoryBackend, LockBackend, Released},
     config::{
-        DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_KEY_LEN, DEFAULT_MAX_WAIT,
-        DEFAULT_RELEASE_TIMEOUT, DEFAULT_RETRY_AFTER, DEFAULT_TTL, FailMode, LossPolicy,
-        MissingKey,
+        DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_HAND_OFFS, DEFAULT_MAX_KEY_LEN,
+        DEFAULT_MAX_WAIT, DEFAULT_RELEASE_TIMEOUT, DEFAULT_RETRY_AFTER, DEFAULT_TTL, FailMode,
+        LossPolicy, MissingKey,
     },
     future::ResponseFuture,
     guard::Held,

@@ -13,8 +13,9 @@ use tokio::task::AbortHandle;
 use crate::{
     Held, LockBackend, LockKey, LockRejection,
     acquire::{Acquired, acquire},
-    config::LockConfig,
+    config::{DEFAULT_MAX_HAND_OFFS, LockConfig},
     guard::LockGuard,
+    queue::LocalQueues,
     watchdog::Watchdog,
 };
 
@@ -51,8 +52,9 @@ use crate::{
 ///     .route("/transfers", post(transfer))
 ///     .with_state(Locker::new(InMemoryBackend::new()).key_prefix("account:"));
 /// ```
-pub struct Locker<B> {
+pub struct Locker<B: LockBackend> {
     backend: B,
+    queues: Option<Arc<LocalQueues<B>>>,
     config: Arc<LockConfig>,
     /// The keys the request this locker was extracted for holds.
     request: Option<Arc<RequestLocks>>,
@@ -80,10 +82,11 @@ impl RequestLocks {
 
 impl<B: LockBackend> Locker<B> {
     /// A locker on `backend` with the layer's defaults (ttl 10 s renewed every 3.3 s,
-    /// max wait 1 s, 409 on contention…).
+    /// max wait 1 s, 409 on contention, a local queue with up to 8 hand-offs in a row…).
     pub fn new(backend: B) -> Self {
         Self {
             backend,
+            queues: Some(LocalQueues::new(DEFAULT_MAX_HAND_OFFS)),
             config: Arc::default(),
             request: None,
         }
@@ -102,7 +105,13 @@ impl<B: LockBackend> Locker<B> {
             tracing::error!(%key, "a request asked again for a lock it holds");
             return Err(LockRejection::AlreadyHeld);
         }
-        let Acquired { guard, held } = acquire(self.backend.clone(), key, self.config.wait)
+        let acquisition = acquire(
+            self.backend.clone(),
+            key,
+            self.config.wait,
+            self.queues.clone(),
+        );
+        let Acquired { guard, held } = acquisition
             .await
             .map_err(|err| self.config.rejection(err))?;
         let watchdog = self.config.renew_every().map(|every| {
@@ -110,7 +119,7 @@ impl<B: LockBackend> Locker<B> {
                 self.backend.clone(),
                 held.clone(),
                 self.config.wait.ttl,
-                every,
+                Some(every),
             );
             // No future of ours wraps the caller's work, so the watchdog gets a task.
             tokio::spawn(async move { poll_fn(|cx| watchdog.poll_lost(cx)).await }).abort_handle()
@@ -137,7 +146,7 @@ impl<B: LockBackend> Locker<B> {
     }
 }
 
-impl<B> Locker<B> {
+impl<B: LockBackend> Locker<B> {
     fn config_mut(&mut self) -> &mut LockConfig {
         Arc::make_mut(&mut self.config)
     }
@@ -145,17 +154,18 @@ impl<B> Locker<B> {
     crate::config::lock_settings!("Locker");
 }
 
-impl<B: Clone> Clone for Locker<B> {
+impl<B: LockBackend> Clone for Locker<B> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
+            queues: self.queues.clone(),
             config: self.config.clone(),
             request: self.request.clone(),
         }
     }
 }
 
-impl<B: fmt::Debug> fmt::Debug for Locker<B> {
+impl<B: LockBackend + fmt::Debug> fmt::Debug for Locker<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Locker")
             .field("backend", &self.backend)

@@ -129,7 +129,9 @@ impl LockRejection {
 
 /// `Retry-After` in whole seconds: rounded up, and at least 1 (a 0 invites a retry storm).
 pub fn retry_after_secs(after: Duration) -> u64 {
-    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    let secs = after
+        .as_secs()
+        .saturating_add(u64::from(after.subsec_nanos() > 0));
     secs.max(1)
 }
 

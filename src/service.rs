@@ -12,22 +12,31 @@ use tower_service::Service;
 
 use crate::{
     LockBackend, MakeLockKey, acquire::acquire, config::LockConfig, future::ResponseFuture,
+    queue::LocalQueues,
 };
 
 /// Locks each request around the inner service. Built by [`LockLayer`](crate::LockLayer);
 /// see its docs.
-pub struct Lock<S, B, K> {
+pub struct Lock<S, B: LockBackend, K> {
     inner: S,
     backend: B,
+    queues: Option<Arc<LocalQueues<B>>>,
     make_key: K,
     config: Arc<LockConfig>,
 }
 
-impl<S, B, K> Lock<S, B, K> {
-    pub(crate) fn from_parts(inner: S, backend: B, make_key: K, config: Arc<LockConfig>) -> Self {
+impl<S, B: LockBackend, K> Lock<S, B, K> {
+    pub(crate) fn from_parts(
+        inner: S,
+        backend: B,
+        queues: Option<Arc<LocalQueues<B>>>,
+        make_key: K,
+        config: Arc<LockConfig>,
+    ) -> Self {
         Self {
             inner,
             backend,
+            queues,
             make_key,
             config,
         }
@@ -74,7 +83,12 @@ where
                 // polled ready; `self` keeps a fresh clone (tower-service docs).
                 let clone = self.inner.clone();
                 let ready = mem::replace(&mut self.inner, clone);
-                let acquire = acquire(self.backend.clone(), key, self.config.wait);
+                let acquire = acquire(
+                    self.backend.clone(),
+                    key,
+                    self.config.wait,
+                    self.queues.clone(),
+                );
                 ResponseFuture::acquiring(Box::pin(acquire), ready, request, self.config.clone())
             }
             Ok(None) => ResponseFuture::unlocked(self.inner.call(request), self.config.clone()),
@@ -85,18 +99,19 @@ where
     }
 }
 
-impl<S: Clone, B: Clone, K: Clone> Clone for Lock<S, B, K> {
+impl<S: Clone, B: LockBackend, K: Clone> Clone for Lock<S, B, K> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             backend: self.backend.clone(),
+            queues: self.queues.clone(),
             make_key: self.make_key.clone(),
             config: self.config.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, B: fmt::Debug, K> fmt::Debug for Lock<S, B, K> {
+impl<S: fmt::Debug, B: LockBackend + fmt::Debug, K> fmt::Debug for Lock<S, B, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lock")
             .field("inner", &self.inner)

@@ -14,7 +14,11 @@ use std::{
 
 use tokio::time::{Instant, Sleep};
 
-use crate::{Held, LockBackend, backend::BackendError};
+use crate::{
+    Held, LockBackend,
+    backend::BackendError,
+    guard::{drift, saturating_add},
+};
 
 type Renewal = Pin<Box<dyn Future<Output = Result<bool, BackendError>> + Send>>;
 
@@ -28,11 +32,12 @@ pub(crate) enum Loss {
 }
 
 /// Extends a lease every `every` until told to stop, and reports when the lock is lost.
+/// Without `every` it renews nothing and only watches the lease deadline.
 pub(crate) struct Watchdog<B: LockBackend> {
     backend: B,
     held: Held,
     ttl: Duration,
-    every: Duration,
+    every: Option<Duration>,
     next_renewal: Instant,
     /// One timer for whichever comes first: the next renewal or the lease deadline.
     timer: Pin<Box<Sleep>>,
@@ -41,8 +46,14 @@ pub(crate) struct Watchdog<B: LockBackend> {
 }
 
 impl<B: LockBackend> Watchdog<B> {
-    pub(crate) fn new(backend: B, held: Held, ttl: Duration, every: Duration) -> Self {
-        let next_renewal = Instant::now() + every;
+    pub(crate) fn new(backend: B, held: Held, ttl: Duration, every: Option<Duration>) -> Self {
+        // Renewals are due from the lease's start (taken before the acquire was sent),
+        // not from now: a slow acquire reply must not push the first one past the deadline.
+        let lease_start = held
+            .lease_deadline()
+            .checked_sub(ttl.saturating_sub(drift(ttl)))
+            .unwrap_or_else(Instant::now);
+        let next_renewal = saturating_add(lease_start, every.unwrap_or(Duration::MAX));
         Self {
             backend,
             held,
@@ -70,15 +81,17 @@ impl<B: LockBackend> Watchdog<B> {
                     match outcome {
                         Ok(true) => {
                             self.held.renewed(sent, self.ttl);
-                            self.next_renewal = sent + self.every;
+                            self.next_renewal =
+                                saturating_add(sent, self.every.unwrap_or(Duration::MAX));
                             tracing::trace!(key = %self.held.key(), "lease renewed");
                         }
                         Ok(false) => return self.lost(Loss::Taken),
                         Err(err) => {
                             // Try again soon; the deadline check above ends the retries.
                             tracing::warn!(key = %self.held.key(), error = %err, "lease renewal failed");
+                            let retry = self.every.unwrap_or(self.ttl) / 4;
                             self.next_renewal =
-                                Instant::now() + (self.every / 4).max(Duration::from_millis(10));
+                                Instant::now() + retry.max(Duration::from_millis(10));
                         }
                     }
                     continue;

@@ -331,8 +331,8 @@ async fn backend_failure_answers_503_or_fails_open() {
             &self,
             _: &LockKey,
             _: Uuid,
-        ) -> Result<bool, tower_redis_lock::BackendError> {
-            Ok(false)
+        ) -> Result<tower_redis_lock::Released, tower_redis_lock::BackendError> {
+            Ok(Default::default())
         }
         async fn extend(
             &self,

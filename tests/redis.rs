@@ -147,7 +147,7 @@ async fn flushed_scripts_are_reloaded() {
                 .unwrap()
         );
         let () = server.query(cmd("SCRIPT").arg("FLUSH"));
-        assert!(backend.release(&key, token).await.unwrap());
+        assert!(backend.release(&key, token).await.unwrap().was_held);
     }
 }
 

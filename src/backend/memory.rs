@@ -10,7 +10,7 @@ use std::{
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::{Acquire, BackendError, LockBackend};
+use super::{Acquire, BackendError, LockBackend, Released};
 use crate::LockKey;
 
 /// A backend that keeps locks in this process, with the same semantics as Redis: owner
@@ -76,50 +76,47 @@ impl InMemoryBackend {
             expires_at: now + ttl,
         };
         self.with_locks(|locks| {
-            let renewed = match locks.held.get(key) {
+            match locks.held.get(key) {
                 Some(held) if held.expires_at > now && held.token != token => {
                     let remaining = Some(held.expires_at - now);
                     return Acquire::Held { remaining };
                 }
-                // Our own live lease: a retried attempt, recognised (no new fencing token).
-                Some(held) => held.expires_at > now,
-                None => {
-                    if locks.held.len() >= 2 * locks.swept_at.max(64) {
-                        locks.held.retain(|_, held| held.expires_at > now);
-                        locks.swept_at = locks.held.len();
-                    }
-                    false
+                Some(_) => {}
+                None if locks.held.len() >= 2 * locks.swept_at.max(64) => {
+                    locks.held.retain(|_, held| held.expires_at > now);
+                    locks.swept_at = locks.held.len();
                 }
-            };
+                None => {}
+            }
             locks.held.insert(key.clone(), lease);
             Acquire::Acquired {
-                fencing_token: self.fence(locks, key, !renewed),
+                fencing_token: self.fence(locks, key),
             }
         })
     }
 
-    /// The fencing token of an acquisition: a new one, or the current one when an
-    /// acquisition retried by its own token is recognised.
-    fn fence(&self, locks: &mut Locks, key: &LockKey, new: bool) -> Option<u64> {
+    /// A new fencing token for `key`, when fencing is on.
+    fn fence(&self, locks: &mut Locks, key: &LockKey) -> Option<u64> {
         if !self.fencing {
             return None;
         }
         let counter = locks.fences.entry(key.clone()).or_default();
-        if new {
-            *counter += 1;
-        }
+        *counter += 1;
         Some(*counter)
     }
 
-    fn release_now(&self, key: &LockKey, token: Uuid) -> bool {
+    fn release_now(&self, key: &LockKey, token: Uuid) -> Released {
         let now = Instant::now();
         self.with_locks(|locks| match locks.held.get(key) {
             Some(lease) if lease.token == token => {
-                let was_live = lease.expires_at > now;
+                let was_held = lease.expires_at > now;
                 locks.held.remove(key);
-                was_live
+                Released {
+                    was_held,
+                    notified: 0,
+                }
             }
-            _ => false,
+            _ => Released::default(),
         })
     }
 
@@ -149,7 +146,7 @@ impl LockBackend for InMemoryBackend {
         &self,
         key: &LockKey,
         token: Uuid,
-    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+    ) -> impl Future<Output = Result<Released, BackendError>> + Send {
         ready(Ok(self.release_now(key, token)))
     }
 

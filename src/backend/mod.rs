@@ -11,6 +11,8 @@ use crate::LockKey;
 
 mod memory;
 #[cfg(feature = "redis")]
+mod notify;
+#[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]
 mod scripts;
@@ -39,6 +41,16 @@ pub enum Acquire {
     },
 }
 
+/// The answer to a release.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Released {
+    /// Whether the token held the lock (and so freed it).
+    pub was_held: bool,
+    /// How many waiters elsewhere were told of the release, when the backend notifies
+    /// (0 otherwise). The local queue uses it to step aside for them.
+    pub notified: u64,
+}
+
 /// A backend could not answer: the request gets 503, never an unlocked handler
 /// (unless the layer was told to fail open).
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +62,12 @@ pub enum BackendError {
     /// No connection could be had (server down, pool exhausted, connection dropped).
     #[error("lock backend unavailable")]
     Unavailable(#[source] BoxError),
-    /// The backend answered with an error (a failing script, out of memory, read-only
-    /// replica) or with a reply the protocol does not allow.
+    /// The server cannot take writes on this connection now (`READONLY` from a replica
+    /// or a demoted primary, `LOADING`, `MASTERDOWN`); the next operation reconnects.
+    #[error("lock backend cannot take writes now")]
+    Stale(#[source] BoxError),
+    /// The backend answered with an error (a failing script, out of memory) or with a
+    /// reply the protocol does not allow.
     #[error("lock backend refused the command")]
     Command(#[source] BoxError),
 }
@@ -65,6 +81,10 @@ pub enum BackendError {
 /// Cloning a backend must be cheap and share its state (a pool, a map behind an `Arc`).
 pub trait LockBackend: Clone + Send + Sync + 'static {
     /// Takes `key` for `token` with a lease of `ttl`, if it is free or already `token`'s.
+    ///
+    /// When `token` holds it already (an attempt retried after a lost reply, or a lock
+    /// handed over within the process), the lease is reset and, with fencing on, a new
+    /// fencing token taken.
     fn try_acquire(
         &self,
         key: &LockKey,
@@ -72,12 +92,12 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Acquire, BackendError>> + Send;
 
-    /// Frees `key` if `token` holds it. Returns whether it did.
+    /// Frees `key` if `token` holds it, and tells the waiters of other processes.
     fn release(
         &self,
         key: &LockKey,
         token: Uuid,
-    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+    ) -> impl Future<Output = Result<Released, BackendError>> + Send;
 
     /// Resets the lease of `key` to `ttl` if `token` holds it. Returns whether it did.
     fn extend(

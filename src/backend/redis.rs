@@ -7,13 +7,17 @@ use std::{
 };
 
 use deadpool_redis::{
-    Connection, Pool,
-    redis::{FromRedisValue, RedisError, Script, ScriptInvocation, aio::MultiplexedConnection},
+    Connection, Pool, Runtime,
+    redis::{
+        Client, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind,
+        aio::MultiplexedConnection,
+    },
 };
 use uuid::Uuid;
 
 use super::{
-    Acquire, BackendError, LockBackend,
+    Acquire, BackendError, LockBackend, Released,
+    notify::Notifier,
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
 use crate::LockKey;
@@ -55,6 +59,7 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct RedisBackend {
     pool: Pool,
     connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    notifier: Option<Arc<Notifier>>,
     config: Arc<Config>,
 }
 
@@ -71,12 +76,37 @@ impl RedisBackend {
         Self {
             pool,
             connection: Arc::default(),
+            notifier: None,
             config: Arc::new(Config {
                 prefix: DEFAULT_PREFIX.into(),
                 command_timeout: DEFAULT_COMMAND_TIMEOUT,
                 fencing: false,
             }),
         }
+    }
+
+    /// A backend on the Redis server at `url` (`redis://host:port/db`), with a pool of
+    /// default size and release notifications on: waiters wake as soon as a lock they wait
+    /// for is released, instead of on their next backoff.
+    pub fn from_url(url: &str) -> Result<Self, BackendError> {
+        let pool = deadpool_redis::Config::from_url(url)
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|err| BackendError::Unavailable(err.into()))?;
+        let client = Client::open(url).map_err(|err| BackendError::Unavailable(err.into()))?;
+        Ok(Self::new(pool).notify_with(client))
+    }
+
+    /// Wakes waiters on release notifications (DESIGN §5), received over one pub/sub
+    /// connection that `client` opens for this backend and its clones.
+    ///
+    /// Every release publishes on the lock's channel `<prefix>{<key>}:released`, whether
+    /// or not this is on; with it on, a waiter subscribes to the channel and retries the
+    /// moment a message arrives, rather than at the end of its backoff. Messages can be
+    /// lost (pub/sub is at-most-once), so the backoff stays as the safety net, and a lost
+    /// subscriber connection is made again by the next wait.
+    pub fn notify_with(mut self, client: Client) -> Self {
+        self.notifier = Some(Arc::new(Notifier::new(client, self.config.command_timeout)));
+        self
     }
 
     /// Sets the namespace put before every Redis key (default `lock:`). It must not
@@ -118,6 +148,10 @@ impl RedisBackend {
     /// never expires, so Redis keeps one small key (about 80 bytes, measured over 10,000
     /// keys on Redis 7.0) for every lock key ever used. Lock on keys of bounded
     /// cardinality (an order, a SKU, a tenant), or budget for it.
+    ///
+    /// Tokens only grow while the counter survives: run Redis with `maxmemory-policy
+    /// noeviction` (an `allkeys-*` policy may evict the counter and restart it at 1) and
+    /// with AOF persistence where a restart must not reset it.
     pub fn fencing(mut self, on: bool) -> Self {
         Arc::make_mut(&mut self.config).fencing = on;
         self
@@ -131,6 +165,12 @@ impl RedisBackend {
     /// The Redis key that stores the lock `key`: `<prefix>{<key>}`.
     pub fn redis_key(&self, key: &LockKey) -> String {
         self.key_with_suffix(key, "")
+    }
+
+    /// The pub/sub channel on which releases of `key` are announced:
+    /// `<prefix>{<key>}:released`.
+    pub fn release_channel(&self, key: &LockKey) -> String {
+        self.key_with_suffix(key, ":released")
     }
 
     /// The Redis key of the lock's fencing counter: `<prefix>{<key>}:fence`. It has no
@@ -179,7 +219,7 @@ impl RedisBackend {
             .unwrap_or(Err(BackendError::Timeout(timeout)));
         if matches!(
             result,
-            Err(BackendError::Unavailable(_) | BackendError::Timeout(_))
+            Err(BackendError::Unavailable(_) | BackendError::Timeout(_) | BackendError::Stale(_))
         ) {
             // The shared connection may be the broken part; the next call starts afresh.
             *self.shared_connection() = None;
@@ -215,8 +255,18 @@ fn lease_millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// Connection trouble means "unavailable"; anything the server said is a command error.
+/// Connection trouble means "unavailable"; a server that cannot take writes now (a former
+/// primary demoted after a failover, one still loading) means the connection should be
+/// made anew; anything else the server said is a command error.
 fn classify(err: RedisError) -> BackendError {
+    if matches!(
+        err.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ReadOnly | ServerErrorKind::BusyLoading | ServerErrorKind::MasterDown
+        )
+    ) {
+        return BackendError::Stale(err.into());
+    }
     if err.is_io_error()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
@@ -259,9 +309,27 @@ impl LockBackend for RedisBackend {
         }
     }
 
-    async fn release(&self, key: &LockKey, token: Uuid) -> Result<bool, BackendError> {
-        let deleted: i64 = self.run(self.invocation(&RELEASE, key, token)).await?;
-        Ok(deleted == 1)
+    async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
+        let channel = self.release_channel(key);
+        let mut invocation = self.invocation(&RELEASE, key, token);
+        invocation.key(&channel);
+        let reply: (i64, u64) = self.run(invocation).await?;
+        // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
+        let ours = self
+            .notifier
+            .as_ref()
+            .is_some_and(|n| n.listens_on(&channel));
+        Ok(Released {
+            was_held: reply.0 == 1,
+            notified: reply.1.saturating_sub(u64::from(ours)),
+        })
+    }
+
+    async fn wait_for_release(&self, key: &LockKey, timeout: Duration) {
+        match &self.notifier {
+            Some(notifier) => notifier.wait(&self.release_channel(key), timeout).await,
+            None => tokio::time::sleep(timeout).await,
+        }
     }
 
     async fn extend(

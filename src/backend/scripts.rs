@@ -13,9 +13,10 @@ use deadpool_redis::redis::Script;
 ///
 /// Returns `{1}` (or `{1, fencing token}`) when the token now holds the lock, `{0, pttl}`
 /// when another token does. The common case is the single `SET NX` (and `INCR`). When it
-/// fails, a value equal to our own token means an earlier attempt of ours landed but its
-/// reply was lost: we hold the lock, so the lease is refreshed and the attempt succeeds
-/// with the counter's current value, which no one else can have moved since.
+/// fails, a value equal to our own token means we hold the lock already (an earlier
+/// attempt landed but its reply was lost, or the lock was handed to a new holder in our
+/// process): the lease is reset and the attempt succeeds, with a fresh fencing token so
+/// that each holder's is larger than its predecessor's.
 pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -28,7 +29,7 @@ end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   if ARGV[3] == '1' then
-    return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+    return {1, redis.call('INCR', KEYS[2])}
   end
   return {1}
 end
@@ -37,15 +38,17 @@ return {0, redis.call('PTTL', KEYS[1])}
     )
 });
 
-/// `KEYS[1]` lock key, `ARGV[1]` token. Deletes the lock only if the token holds it;
-/// returns 1 when it did, 0 otherwise.
+/// `KEYS[1]` lock key, `KEYS[2]` release channel, `ARGV[1]` token. Deletes the lock only
+/// if the token holds it, then publishes on the channel so that waiters wake at once.
+/// Returns `{1, receivers}` when it deleted, `{0, 0}` otherwise.
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  return {1, redis.call('PUBLISH', KEYS[2], '')}
 end
-return 0
+return {0, 0}
 "#,
     )
 });
