@@ -1,0 +1,276 @@
+//! Waiting without hammering Redis, against servers spawned by each test: release
+//! notifications (and their loss), the local line, hand-offs and their cap.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use deadpool_redis::redis::{self, cmd};
+use support::{RedisServer, eventually, pool};
+use tower_redis_lock::{Acquire, LockBackend, LockKey, Locker, RedisBackend};
+use uuid::Uuid;
+
+/// An app instance's backend: its own pool and its own subscriber connection.
+fn instance(server: &RedisServer) -> RedisBackend {
+    let client = redis::Client::open(server.url()).unwrap();
+    RedisBackend::new(pool(&server.url()))
+        .command_timeout(Duration::from_millis(500))
+        .notify_with(client)
+}
+
+/// Calls of one command since the server started, from `INFO commandstats`.
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    let info: String = server.query(cmd("INFO").arg("commandstats"));
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+fn subscribers(server: &RedisServer, channel: &str) -> i64 {
+    let reply: (String, i64) = server.query(cmd("PUBSUB").arg("NUMSUB").arg(channel));
+    reply.1
+}
+
+/// A waiter whose backoff is ten seconds acquires right after another instance releases:
+/// only the release notification can explain it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_wakes_a_waiter_of_another_instance() {
+    let server = RedisServer::spawn();
+    let (holder, waiter) = (instance(&server), instance(&server));
+    let key = LockKey::from("order:1");
+    let token = Uuid::new_v4();
+    let acquired = holder
+        .try_acquire(&key, token, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(matches!(acquired, Acquire::Acquired { .. }));
+
+    let locker = Locker::new(waiter)
+        .max_wait(Duration::from_secs(30))
+        .backoff(Duration::from_secs(10), Duration::from_secs(10));
+    let waiting = tokio::spawn(async move {
+        let lock = locker.lock("order:1").await.unwrap();
+        (Instant::now(), lock.key().clone())
+    });
+    let channel = holder.release_channel(&key);
+    assert!(
+        eventually(Duration::from_secs(5), || subscribers(&server, &channel)
+            == 1)
+        .await,
+        "the waiter never subscribed"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let released_at = Instant::now();
+    let released = holder.release(&key, token).await.unwrap();
+    assert!(released.was_held);
+    assert_eq!(released.notified, 1, "the waiter was not told");
+    let (acquired_at, _) = waiting.await.unwrap();
+    let woke_after = acquired_at.saturating_duration_since(released_at);
+    assert!(
+        woke_after < Duration::from_millis(500),
+        "woke {woke_after:?} after the release"
+    );
+}
+
+/// The subscriber connection is killed while a waiter waits: the waiter still gets the
+/// lock within its backoff after the release, and the subscription comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_notification_is_covered_by_the_backoff() {
+    let server = RedisServer::spawn();
+    let (holder, waiter) = (instance(&server), instance(&server));
+    let key = LockKey::from("order:2");
+    let token = Uuid::new_v4();
+    holder
+        .try_acquire(&key, token, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let locker = Locker::new(waiter)
+        .max_wait(Duration::from_secs(30))
+        .backoff(Duration::from_millis(500), Duration::from_millis(500));
+    let waiting = tokio::spawn(async move {
+        let _lock = locker.lock("order:2").await.unwrap();
+        Instant::now()
+    });
+    let channel = holder.release_channel(&key);
+    assert!(
+        eventually(Duration::from_secs(5), || subscribers(&server, &channel)
+            == 1)
+        .await
+    );
+    let killed: i64 = server.query(cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
+    assert_eq!(killed, 1);
+    assert!(
+        eventually(Duration::from_secs(5), || subscribers(&server, &channel)
+            == 1)
+        .await,
+        "the waiter did not subscribe again on a new connection"
+    );
+    let killed: i64 = server.query(cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
+    assert_eq!(killed, 1);
+    let released_at = Instant::now();
+    holder.release(&key, token).await.unwrap();
+    let acquired_at = waiting.await.unwrap();
+    let after = acquired_at.saturating_duration_since(released_at);
+    assert!(
+        after < Duration::from_secs(3),
+        "acquired {after:?} after the release"
+    );
+}
+
+/// Fifty requests of one instance wait for a lock held elsewhere: they get it in arrival
+/// order, and while they wait only one of them asks Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_waiters_line_up_and_only_the_first_asks_redis() {
+    let server = RedisServer::spawn();
+    let holder = instance(&server);
+    let key = LockKey::from("order:3");
+    let token = Uuid::new_v4();
+    holder
+        .try_acquire(&key, token, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let locker = Locker::new(instance(&server))
+        .max_wait(Duration::from_secs(30))
+        .max_hand_offs(100);
+    let before = calls(&server, "evalsha");
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..50 {
+        let (locker, order) = (locker.clone(), order.clone());
+        waiters.push(tokio::spawn(async move {
+            let lock = locker.lock("order:3").await.unwrap();
+            order.lock().unwrap().push(i);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            lock.release().await;
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await; // a known arrival order
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let asked_while_waiting = calls(&server, "evalsha") - before;
+    // One waiter polling with the default backoff (≤ 250 ms) asks a dozen times in 1.75 s;
+    // fifty would ask hundreds of times.
+    assert!(
+        asked_while_waiting < 40,
+        "{asked_while_waiting} acquire calls while waiting"
+    );
+
+    holder.release(&key, token).await.unwrap();
+    for waiter in waiters {
+        waiter.await.unwrap();
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        (0..50).collect::<Vec<_>>(),
+        "not first come, first served"
+    );
+    let exists: i64 = server.query(cmd("EXISTS").arg(holder.redis_key(&key)));
+    assert_eq!(exists, 0, "the lock outlived its last holder");
+}
+
+/// Two instances want one key. Instance A has many requests for it and hands the lock
+/// down its own line; after at most `cap` hand-offs it releases, and the waiter of
+/// instance B, told of the release, gets its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hand_off_cap_lets_another_instance_in() {
+    const CAP: u32 = 3;
+    let server = RedisServer::spawn();
+    let a = Locker::new(instance(&server))
+        .max_wait(Duration::from_secs(30))
+        .max_hand_offs(CAP);
+    let b = Locker::new(instance(&server)).max_wait(Duration::from_secs(30));
+    let sections = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (a, sections, stop) = (a.clone(), sections.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let lock = a.lock("hot").await.unwrap();
+                    sections.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    lock.release().await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        sections.load(Ordering::SeqCst) > 10,
+        "instance A is not busy"
+    );
+
+    let mut most = 0;
+    for _ in 0..5 {
+        let (started, sections_at_start) = (Instant::now(), sections.load(Ordering::SeqCst));
+        let lock = b.lock("hot").await.unwrap();
+        let ran_before_b = sections.load(Ordering::SeqCst) - sections_at_start;
+        most = most.max(ran_before_b);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "B waited {:?}",
+            started.elapsed()
+        );
+        lock.release().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    eprintln!("A ran at most {most} critical sections before B got in");
+    // A's running line (at most CAP hand-offs after the holder B met), and a new line
+    // if B's first try lost the race to A's next asker.
+    assert!(
+        most <= 2 * (CAP as usize + 1),
+        "A ran {most} critical sections before B got in"
+    );
+}
+
+/// A waiter dropped while in line never gets the lock; the one behind it does, and no lock
+/// is left afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_waiters_never_get_the_lock() {
+    let server = RedisServer::spawn();
+    let locker = Locker::new(instance(&server)).max_wait(Duration::from_secs(30));
+    let first = locker.lock("order:4").await.unwrap();
+    let got_it = Arc::new(AtomicBool::new(false));
+    let cancelled = tokio::spawn({
+        let (locker, got_it) = (locker.clone(), got_it.clone());
+        async move {
+            let _lock = locker.lock("order:4").await.unwrap();
+            got_it.store(true, Ordering::SeqCst);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let next = tokio::spawn({
+        let locker = locker.clone();
+        async move { locker.lock("order:4").await.map(|lock| lock.key().clone()) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    cancelled.abort();
+    let _ = cancelled.await;
+    first.release().await;
+    let key = next.await.unwrap().unwrap();
+    assert!(
+        !got_it.load(Ordering::SeqCst),
+        "a cancelled waiter got the lock"
+    );
+    let exists = |server: &RedisServer| -> i64 {
+        server.query(cmd("EXISTS").arg(format!("lock:{{{key}}}")))
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || exists(&server) == 0).await,
+        "lock left behind"
+    );
+}
