@@ -17,6 +17,7 @@ pub mod backend;
 mod config;
 mod future;
 mod guard;
+pub mod idempotency;
 mod key;
 mod layer;
 mod locker;

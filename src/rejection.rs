@@ -99,32 +99,40 @@ impl LockRejection {
     /// The default answer: the status, `Retry-After` where it applies, and a problem
     /// body `{"type","title","status","detail"}`.
     pub fn to_response(&self) -> Response<Bytes> {
-        let status = self.status();
-        let mut detail = self.to_string();
-        if let Some(after) = self.retry_after() {
-            detail.push_str(&format!("; retry after {} s", retry_after_secs(after)));
-        }
-        let body = serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": detail,
-        });
-        let mut response = Response::new(Bytes::from(body.to_string()));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if let Some(after) = self.retry_after() {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(after)),
-            );
-        }
-        response
+        problem(self.status(), &self.to_string(), self.retry_after())
     }
+}
+
+/// A short `application/problem+json` answer (RFC 9457), with `Retry-After` when given.
+pub(crate) fn problem(
+    status: StatusCode,
+    detail: &str,
+    retry_after: Option<Duration>,
+) -> Response<Bytes> {
+    let mut detail = detail.to_owned();
+    if let Some(after) = retry_after {
+        detail.push_str(&format!("; retry after {} s", retry_after_secs(after)));
+    }
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut response = Response::new(Bytes::from(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(after) = retry_after {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(retry_after_secs(after)),
+        );
+    }
+    response
 }
 
 /// `Retry-After` in whole seconds: rounded up, and at least 1 (a 0 invites a retry storm).

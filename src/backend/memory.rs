@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{Acquire, BackendError, LockBackend, Released};
 use crate::LockKey;
+use crate::idempotency::{ResponseStore, StoredResponse};
 
 /// A backend that keeps locks in this process, with the same semantics as Redis: owner
 /// tokens, leases that expire, compare-and-delete release.
@@ -31,6 +32,9 @@ struct Locks {
     held: HashMap<LockKey, Lease>,
     /// Last fencing token per key; kept forever, like the Redis counter keys.
     fences: HashMap<LockKey, u64>,
+    /// Idempotent responses, with their expiry; swept like `held`.
+    responses: HashMap<LockKey, (StoredResponse, Instant)>,
+    responses_swept_at: usize,
     /// Size of `held` after the last sweep of expired leases; sweeping again once the map
     /// has doubled keeps the cost amortised O(1) and memory bounded by the live locks.
     swept_at: usize,
@@ -157,5 +161,41 @@ impl LockBackend for InMemoryBackend {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
         ready(Ok(self.extend_now(key, token, ttl)))
+    }
+}
+
+impl ResponseStore for InMemoryBackend {
+    fn load(
+        &self,
+        key: &LockKey,
+    ) -> impl Future<Output = Result<Option<StoredResponse>, BackendError>> + Send {
+        let now = Instant::now();
+        let found = self.with_locks(|locks| {
+            let (response, expires_at) = locks.responses.get(key)?;
+            (*expires_at > now).then(|| response.clone())
+        });
+        ready(Ok(found))
+    }
+
+    fn store(
+        &self,
+        key: &LockKey,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let now = Instant::now();
+        self.with_locks(|locks| {
+            if locks.responses.len() >= 2 * locks.responses_swept_at.max(64) {
+                locks
+                    .responses
+                    .retain(|_, (_, expires_at)| *expires_at > now);
+                locks.responses_swept_at = locks.responses.len();
+            }
+            let expires_at = crate::guard::saturating_add(now, ttl);
+            locks
+                .responses
+                .insert(key.clone(), (response.clone(), expires_at));
+        });
+        ready(Ok(()))
     }
 }

@@ -2,6 +2,7 @@
 
 use std::{
     fmt,
+    future::Future,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -9,8 +10,8 @@ use std::{
 use deadpool_redis::{
     Connection, Pool, Runtime,
     redis::{
-        Client, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind,
-        aio::MultiplexedConnection,
+        Client, ErrorKind, FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation,
+        ServerErrorKind, aio::MultiplexedConnection,
     },
 };
 use uuid::Uuid;
@@ -20,7 +21,10 @@ use super::{
     notify::Notifier,
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
-use crate::LockKey;
+use crate::{
+    LockKey,
+    idempotency::{ResponseStore, StoredResponse},
+};
 
 /// Default namespace of the Redis keys.
 const DEFAULT_PREFIX: &str = "lock:";
@@ -167,6 +171,12 @@ impl RedisBackend {
         self.key_with_suffix(key, "")
     }
 
+    /// The Redis key of the response kept for idempotency key `key`:
+    /// `<prefix>{<key>}:response`, in the same slot as its lock.
+    pub fn response_key(&self, key: &LockKey) -> String {
+        self.key_with_suffix(key, ":response")
+    }
+
     /// The pub/sub channel on which releases of `key` are announced:
     /// `<prefix>{<key>}:released`.
     pub fn release_channel(&self, key: &LockKey) -> String {
@@ -209,11 +219,29 @@ impl RedisBackend {
         &self,
         invocation: ScriptInvocation<'static>,
     ) -> Result<T, BackendError> {
-        let timeout = self.config.command_timeout;
-        let call = async {
+        self.guarded(async {
             let mut conn = self.connection().await?;
             invocation.invoke_async(&mut conn).await.map_err(classify)
-        };
+        })
+        .await
+    }
+
+    /// Runs a pipeline on the shared connection within the command timeout.
+    async fn query<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, BackendError> {
+        self.guarded(async {
+            let mut conn = self.connection().await?;
+            pipeline.query_async(&mut conn).await.map_err(classify)
+        })
+        .await
+    }
+
+    /// Bounds `call` by the command timeout, and drops the shared connection when the
+    /// failure may lie with it.
+    async fn guarded<T>(
+        &self,
+        call: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        let timeout = self.config.command_timeout;
         let result = tokio::time::timeout(timeout, call)
             .await
             .unwrap_or(Err(BackendError::Timeout(timeout)));
@@ -221,7 +249,7 @@ impl RedisBackend {
             result,
             Err(BackendError::Unavailable(_) | BackendError::Timeout(_) | BackendError::Stale(_))
         ) {
-            // The shared connection may be the broken part; the next call starts afresh.
+            // The next call starts afresh.
             *self.shared_connection() = None;
         }
         result
@@ -342,6 +370,68 @@ impl LockBackend for RedisBackend {
         invocation.arg(lease_millis(ttl));
         let extended: i64 = self.run(invocation).await?;
         Ok(extended == 1)
+    }
+}
+
+/// Responses are hashes `{fingerprint, status, headers (JSON), body}` with an expiry,
+/// written in one `MULTI`.
+impl ResponseStore for RedisBackend {
+    async fn load(&self, key: &LockKey) -> Result<Option<StoredResponse>, BackendError> {
+        let mut pipeline = deadpool_redis::redis::pipe();
+        pipeline.cmd("HMGET").arg(self.response_key(key)).arg(&[
+            "fingerprint",
+            "status",
+            "headers",
+            "body",
+        ]);
+        type Fields = (Option<String>, Option<u16>, Option<String>, Option<Vec<u8>>);
+        let (fields,): (Fields,) = self.query(&pipeline).await?;
+        let (Some(fingerprint), Some(status), Some(headers), Some(body)) = fields else {
+            return Ok(None);
+        };
+        let headers = serde_json::from_str(&headers).map_err(|err| {
+            BackendError::Command(format!("stored response headers: {err}").into())
+        })?;
+        Ok(Some(StoredResponse {
+            fingerprint,
+            status,
+            headers,
+            body: body.into(),
+        }))
+    }
+
+    async fn store(
+        &self,
+        key: &LockKey,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        let record = self.response_key(key);
+        let headers = serde_json::to_string(&response.headers)
+            .map_err(|err| BackendError::Command(err.to_string().into()))?;
+        let mut pipeline = deadpool_redis::redis::pipe();
+        pipeline
+            .atomic()
+            .del(&record)
+            .ignore()
+            .hset_multiple(
+                &record,
+                &[
+                    ("fingerprint", response.fingerprint.as_bytes()),
+                    ("headers", headers.as_bytes()),
+                ],
+            )
+            .ignore()
+            .hset(&record, "status", response.status)
+            .ignore()
+            .hset(&record, "body", response.body.as_ref())
+            .ignore()
+            .pexpire(
+                &record,
+                i64::try_from(lease_millis(ttl)).unwrap_or(i64::MAX),
+            )
+            .ignore();
+        self.query::<()>(&pipeline).await
     }
 }
 
