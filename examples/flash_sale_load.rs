@@ -29,18 +29,26 @@ struct Args {
     sku: String,
 }
 
-const USAGE: &str = "usage: flash_sale_load --url URL --buyers N --stock S [--instances URL2,...] [--sku SKU]";
+const USAGE: &str =
+    "usage: flash_sale_load --url URL --buyers N --stock S [--instances URL2,...] [--sku SKU]";
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { urls: Vec::new(), buyers: 2000, stock: 100, sku: "flash".to_owned() };
+    let mut args = Args {
+        urls: Vec::new(),
+        buyers: 2000,
+        stock: 100,
+        sku: "flash".to_owned(),
+    };
     let mut argv = std::env::args().skip(1);
     while let Some(flag) = argv.next() {
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--url" => args.urls.insert(0, value.trim_end_matches('/').to_owned()),
-            "--instances" => {
-                args.urls.extend(value.split(',').map(|url| url.trim_end_matches('/').to_owned()))
-            }
+            "--instances" => args.urls.extend(
+                value
+                    .split(',')
+                    .map(|url| url.trim_end_matches('/').to_owned()),
+            ),
             "--buyers" => args.buyers = value.parse().map_err(|_| "--buyers takes a number")?,
             "--stock" => args.stock = value.parse().map_err(|_| "--stock takes a number")?,
             "--sku" => args.sku = value,
@@ -77,7 +85,13 @@ fn retryable(status: StatusCode) -> bool {
     matches!(status.as_u16(), 409 | 423 | 429 | 503)
 }
 
-async fn buy(client: &reqwest::Client, url: &str, sku: &str, key: &str, user: &str) -> (StatusCode, Option<String>) {
+async fn buy(
+    client: &reqwest::Client,
+    url: &str,
+    sku: &str,
+    key: &str,
+    user: &str,
+) -> (StatusCode, Option<String>) {
     let response = client
         .post(format!("{url}/items/{sku}/buy"))
         .header("idempotency-key", key)
@@ -88,7 +102,11 @@ async fn buy(client: &reqwest::Client, url: &str, sku: &str, key: &str, user: &s
         Ok(response) => {
             let status = response.status();
             let order = if status == StatusCode::OK {
-                response.json::<Order>().await.ok().map(|order| order.order_id)
+                response
+                    .json::<Order>()
+                    .await
+                    .ok()
+                    .map(|order| order.order_id)
             } else {
                 None
             };
@@ -99,13 +117,18 @@ async fn buy(client: &reqwest::Client, url: &str, sku: &str, key: &str, user: &s
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    sorted.get(((sorted.len().max(1) - 1) as f64 * q) as usize).copied().unwrap_or_default()
+    sorted
+        .get(((sorted.len().max(1) - 1) as f64 * q) as usize)
+        .copied()
+        .unwrap_or_default()
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args().map_err(|err| format!("{err}\n{USAGE}"))?;
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
     let reset = client
         .put(format!("{}/items/{}", args.urls[0], args.sku))
         .json(&serde_json::json!({ "stock": args.stock }))
@@ -141,7 +164,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     tokio::time::sleep(Duration::from_millis(20 + fastrand::u64(0..80))).await;
                 };
                 progress.inc(1);
-                Outcome { key, url, status, order_id }
+                Outcome {
+                    key,
+                    url,
+                    status,
+                    order_id,
+                }
             })
         })
         .collect();
@@ -168,7 +196,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let mut replays_differing = 0;
-    for (i, outcome) in outcomes.iter().enumerate().filter(|(_, o)| o.status == StatusCode::OK) {
+    for (i, outcome) in outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.status == StatusCode::OK)
+    {
         let user = format!("buyer-{i}");
         let (status, order_id) = buy(&client, &outcome.url, &args.sku, &outcome.key, &user).await;
         if status != StatusCode::OK || order_id != outcome.order_id {
@@ -182,7 +214,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?
         .json()
         .await?;
-    let successes = outcomes.iter().filter(|o| o.status == StatusCode::OK).count() as u64;
+    let successes = outcomes
+        .iter()
+        .filter(|o| o.status == StatusCode::OK)
+        .count() as u64;
     let mut finals = BTreeMap::<u16, usize>::new();
     for outcome in &outcomes {
         *finals.entry(outcome.status.as_u16()).or_default() += 1;
@@ -190,7 +225,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
     latencies.sort_unstable();
     let oversold = item.sold.saturating_sub(args.stock) + u64::from(item.stock < 0);
-    let duplicates = duplicate_charges + replays_differing + item.sold.saturating_sub(successes) as usize;
+    let duplicates =
+        duplicate_charges + replays_differing + item.sold.saturating_sub(successes) as usize;
 
     println!();
     println!("{:<34} {}", "instances", args.urls.join(", "));
@@ -204,8 +240,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (status, count) in attempts.lock().unwrap().iter() {
         println!("{:<34} {count}", format!("attempts answered {status}"));
     }
-    println!("{:<34} {:.1?}", "latency per attempt p50", percentile(&latencies, 0.50));
-    println!("{:<34} {:.1?}", "latency per attempt p99", percentile(&latencies, 0.99));
+    println!(
+        "{:<34} {:.1?}",
+        "latency per attempt p50",
+        percentile(&latencies, 0.50)
+    );
+    println!(
+        "{:<34} {:.1?}",
+        "latency per attempt p99",
+        percentile(&latencies, 0.99)
+    );
     println!("{:<34} {}", "oversold (must be 0)", oversold);
     println!("{:<34} {}", "duplicate charges (must be 0)", duplicates);
     if oversold > 0 || duplicates > 0 {

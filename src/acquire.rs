@@ -12,7 +12,7 @@ use crate::{
     Held, LockBackend, LockKey,
     backend::{Acquire, BackendError},
     guard::{LockGuard, saturating_add},
-    queue::{Entry, Grant, HandOff, LocalQueues, Turn},
+    queue::{Entry, Grant, HandOff, LocalQueues},
 };
 
 /// Exponential backoff with full jitter: attempt `n` sleeps a uniformly random time in
@@ -38,6 +38,8 @@ pub(crate) struct WaitPolicy {
     pub(crate) ttl: Duration,
     pub(crate) max_wait: Duration,
     pub(crate) backoff: Backoff,
+    /// Whether a watchdog will renew the lease (a handed-off lease may then run short).
+    pub(crate) renews: bool,
 }
 
 /// How long a waiter whose turn came from a release that other processes heard of lets
@@ -71,16 +73,13 @@ pub(crate) async fn acquire<B: LockBackend>(
 ) -> Result<Acquired<B>, AcquireError> {
     let deadline = saturating_add(Instant::now(), policy.max_wait);
     let Some(queues) = queues else {
-        return from_backend(backend, key, policy, deadline, None).await;
+        let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
+        return from_backend(guard, policy, deadline, None).await;
     };
     let turn = match queues.enter(&key) {
         Entry::Turn(turn) => turn,
         Entry::Queued(place) => match place.wait(deadline).await {
-            Some(Grant::HandOff(offer)) => match take_over(offer, policy).await {
-                TakeOver::Acquired(acquired) => return Ok(acquired),
-                TakeOver::Failed(err) => return Err(err),
-                TakeOver::Turn(turn) => turn,
-            },
+            Some(Grant::HandOff(offer)) => return take_over(offer, policy, deadline).await,
             Some(Grant::Turn { turn, step_aside }) => {
                 if step_aside {
                     let pause = STEP_ASIDE.min(deadline.saturating_duration_since(Instant::now()));
@@ -93,32 +92,32 @@ pub(crate) async fn acquire<B: LockBackend>(
         },
     };
     // On failure the unused turn passes to the next in line as it drops.
-    let acquired = from_backend(backend, key, policy, deadline, Some(queues)).await?;
+    let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
+    let acquired = from_backend(guard, policy, deadline, Some(queues)).await?;
     turn.used();
     Ok(acquired)
 }
 
-/// Attempts in the backend with a fresh token until acquired or the deadline passes.
+/// Attempts in the backend with the guard's token until acquired or the deadline passes.
 ///
 /// Backend errors are retried like contention while time remains: a dropped connection
 /// or a lost reply is often over by the next attempt, and a retry with the same token
 /// recognises an attempt of ours that did land.
 async fn from_backend<B: LockBackend>(
-    backend: B,
-    key: LockKey,
+    mut guard: LockGuard<B>,
     policy: WaitPolicy,
     deadline: Instant,
     queue: Option<Arc<LocalQueues<B>>>,
 ) -> Result<Acquired<B>, AcquireError> {
-    // Armed whenever an attempt might have taken the lock without us knowing: if this
-    // future is dropped or gives up then, the guard releases the token in the background.
-    let mut guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
-    // Once an attempt failed without an answer, it may still run on the server later (a
-    // stalled connection): the token stays suspect, and is released on the way out.
-    let mut in_doubt = false;
+    // The guard is armed whenever an attempt might have taken the lock without us
+    // knowing: if this future is dropped or gives up then, it releases the token in the
+    // background. Once an attempt failed without an answer, it may still run on the
+    // server later (a stalled connection), so the token stays suspect until the end.
+    let mut in_doubt = guard.is_armed();
     let mut attempt = 0;
     loop {
         let lease_start = Instant::now();
+        let epoch = guard.backend().release_epoch(guard.key());
         guard.arm();
         let outcome = guard
             .backend()
@@ -157,22 +156,20 @@ async fn from_backend<B: LockBackend>(
             // The lock is free by the end of the holder's lease at the latest.
             pause = pause.min(remaining + Duration::from_millis(1));
         }
-        guard.backend().wait_for_release(guard.key(), pause).await;
+        let (backend, key) = (guard.backend(), guard.key());
+        backend.wait_for_release(key, epoch, pause).await;
         attempt = attempt.saturating_add(1);
     }
 }
 
-enum TakeOver<B: LockBackend> {
-    Acquired(Acquired<B>),
-    Failed(AcquireError),
-    /// The handed-off lock had expired; the taker asks the backend itself.
-    Turn(Turn<B>),
-}
-
-/// Takes over a lock handed off within the process. No backend call when its lease has
-/// two thirds of the ttl left and no fencing token is due; otherwise one call resets the
-/// lease (and takes a new fencing token) under the same owner token.
-async fn take_over<B: LockBackend>(offer: HandOff<B>, policy: WaitPolicy) -> TakeOver<B> {
+/// Takes over a lock handed off within the process. No backend call when the lease is
+/// renewed, has two thirds of the ttl left and no fencing token is due; otherwise one call
+/// resets the lease (and takes a new fencing token) under the same owner token.
+async fn take_over<B: LockBackend>(
+    offer: HandOff<B>,
+    policy: WaitPolicy,
+    deadline: Instant,
+) -> Result<Acquired<B>, AcquireError> {
     let HandOff {
         mut guard,
         lease_deadline,
@@ -180,24 +177,36 @@ async fn take_over<B: LockBackend>(offer: HandOff<B>, policy: WaitPolicy) -> Tak
     } = offer;
     let (key, token) = (guard.key().clone(), guard.token());
     let lease_start = Instant::now();
-    if !fenced && lease_deadline.saturating_duration_since(lease_start) > policy.ttl * 2 / 3 {
+    let lease_left = lease_deadline.saturating_duration_since(lease_start);
+    if policy.renews && !fenced && lease_left > policy.ttl * 2 / 3 {
         let held = Held::with_deadline(key, token, None, lease_deadline);
         guard.acquired(&held, None);
-        return TakeOver::Acquired(Acquired { guard, held });
+        return Ok(Acquired { guard, held });
     }
     match guard.backend().try_acquire(&key, token, policy.ttl).await {
         Ok(Acquire::Acquired { fencing_token }) => {
             let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
             guard.acquired(&held, None);
-            TakeOver::Acquired(Acquired { guard, held })
+            Ok(Acquired { guard, held })
         }
-        Ok(Acquire::Held { remaining }) => match guard.into_turn() {
-            Some(turn) => TakeOver::Turn(turn),
-            None => TakeOver::Failed(AcquireError::Contended { remaining }),
-        },
+        // The lease ran out on the way and someone else has the lock now: ask for it
+        // like the first in line, with a token of our own.
+        Ok(Acquire::Held { remaining }) => {
+            let backend = guard.backend().clone();
+            let Some((turn, queue)) = guard.into_turn() else {
+                return Err(AcquireError::Contended { remaining });
+            };
+            let fresh = LockGuard::disarmed(backend, key, Uuid::new_v4());
+            let acquired = from_backend(fresh, policy, deadline, Some(queue)).await?;
+            turn.used();
+            Ok(acquired)
+        }
+        // In doubt: keep trying with the same token until the deadline, and never hand
+        // the lock on unless one of those attempts confirms it.
         Err(err) => {
+            tracing::debug!(key = %guard.key(), error = %err, "taking over a handed-off lock failed");
             guard.keep_from_hand_off();
-            TakeOver::Failed(AcquireError::Unavailable(err))
+            from_backend(guard, policy, deadline, None).await
         }
     }
 }
@@ -231,6 +240,7 @@ mod tests {
                 base: Duration::from_millis(50),
                 max: Duration::from_millis(250),
             },
+            renews: true,
         }
     }
 

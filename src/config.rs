@@ -104,6 +104,7 @@ impl Default for LockConfig {
                     base: DEFAULT_BACKOFF_BASE,
                     max: DEFAULT_BACKOFF_MAX,
                 },
+                renews: true,
             },
             key_prefix: Arc::from(""),
             max_key_len: DEFAULT_MAX_KEY_LEN,
@@ -305,6 +306,7 @@ macro_rules! lock_settings {
                 concat!($name, "::renew_every must be positive")
             );
             self.config_mut().renewal = $crate::config::Renewal::Every(every);
+            self.config_mut().wait.renews = true;
             self
         }
 
@@ -312,6 +314,7 @@ macro_rules! lock_settings {
         /// The lock still counts as lost past its lease deadline.
         pub fn without_renewal(mut self) -> Self {
             self.config_mut().renewal = $crate::config::Renewal::Off;
+            self.config_mut().wait.renews = false;
             self
         }
 

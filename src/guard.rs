@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::{
     LockBackend, LockKey,
-    queue::{HandOff, LocalQueues, Turn},
+    queue::{HandOff, LocalQueues, PassTurnOnDrop, Turn},
 };
 
 /// The lock a request holds, as its handler sees it.
@@ -101,7 +101,9 @@ impl Held {
         &self.inner.key
     }
 
-    /// The owner token stored in the backend for this acquisition (a fresh UUID v4).
+    /// The owner token stored in the backend: a fresh UUID v4 for each acquisition from
+    /// the backend, kept when the lock is handed from one request of this process to the
+    /// next.
     pub fn token(&self) -> Uuid {
         self.inner.token
     }
@@ -269,12 +271,16 @@ impl<B: LockBackend> LockGuard<B> {
         self.may_hand_off = false;
     }
 
+    pub(crate) fn is_armed(&self) -> bool {
+        self.armed
+    }
+
     /// Gives up a lock that turned out not to be held (a hand-off whose lease had gone):
     /// nothing to release, and the caller takes over the queue's turn to ask the backend.
-    pub(crate) fn into_turn(mut self) -> Option<Turn<B>> {
+    pub(crate) fn into_turn(mut self) -> Option<(Turn<B>, Arc<LocalQueues<B>>)> {
         self.armed = false;
         let queue = self.queue.take()?;
-        Some(Turn::new(queue, self.key.clone()))
+        Some((Turn::new(queue.clone(), self.key.clone()), queue))
     }
 
     /// Offers the lock to the next local waiter. True when one took it.
@@ -369,13 +375,18 @@ impl<B: LockBackend> Drop for LockGuard<B> {
         let backend = self.backend.clone();
         let key = self.key.clone();
         let token = self.token;
+        let mut next_turn = queue.map(|queues| PassTurnOnDrop {
+            queues,
+            key: key.clone(),
+            step_aside: false,
+        });
         runtime.spawn(async move {
             let released = backend.release(&key, token).await;
             if let Err(err) = &released {
                 tracing::warn!(key = %key, error = %err, "background lock release failed; it will expire with its lease");
             }
-            if let Some(queue) = queue {
-                queue.pass_turn(&key, released.is_ok_and(|r| r.notified > 0));
+            if let Some(next_turn) = &mut next_turn {
+                next_turn.step_aside = released.is_ok_and(|r| r.notified > 0);
             }
         });
     }

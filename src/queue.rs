@@ -76,9 +76,28 @@ impl<B: LockBackend> Turn<B> {
         }
     }
 
-    /// The lock was acquired: the key stays busy here, now under its holder's guard.
+    /// The lock was acquired from the backend: the key stays busy here, now under its
+    /// holder's guard, and the hand-off count starts again.
     pub(crate) fn used(mut self) {
-        self.queues = None;
+        if let Some(queues) = self.queues.take()
+            && let Some(queue) = queues.keys().get_mut(&self.key)
+        {
+            queue.hand_offs = 0;
+        }
+    }
+}
+
+/// Gives the queue its next turn when dropped: after a background release, even if the
+/// runtime drops the release task before it runs.
+pub(crate) struct PassTurnOnDrop<B: LockBackend> {
+    pub(crate) queues: Arc<LocalQueues<B>>,
+    pub(crate) key: LockKey,
+    pub(crate) step_aside: bool,
+}
+
+impl<B: LockBackend> Drop for PassTurnOnDrop<B> {
+    fn drop(&mut self) {
+        self.queues.pass_turn(&self.key, self.step_aside);
     }
 }
 
@@ -283,6 +302,7 @@ mod tests {
                 base: Duration::from_millis(50),
                 max: Duration::from_millis(250),
             },
+            renews: true,
         }
     }
 

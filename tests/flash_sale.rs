@@ -20,7 +20,10 @@ async fn two_instances(server: &RedisServer) -> Vec<String> {
             .command_timeout(Duration::from_millis(500))
             .notify_with(redis::Client::open(server.url()).unwrap())
             .fencing(true);
-        let state = app::AppState { store: app::Store::Redis(pool(&server.url())), metrics: None };
+        let state = app::AppState {
+            store: app::Store::Redis(pool(&server.url())),
+            metrics: None,
+        };
         urls.push(serve(app::router(backend, state)).await);
     }
     urls
@@ -36,8 +39,16 @@ async fn put_stock(client: &Client, url: &str, sku: &str, stock: u64) -> StatusC
     response.status()
 }
 
-async fn buy(client: &Client, url: &str, sku: &str, key: Option<&str>, body: &str) -> reqwest::Response {
-    let mut request = client.post(format!("{url}/items/{sku}/buy")).body(body.to_owned());
+async fn buy(
+    client: &Client,
+    url: &str,
+    sku: &str,
+    key: Option<&str>,
+    body: &str,
+) -> reqwest::Response {
+    let mut request = client
+        .post(format!("{url}/items/{sku}/buy"))
+        .body(body.to_owned());
     if let Some(key) = key {
         request = request.header("idempotency-key", key);
     }
@@ -45,7 +56,14 @@ async fn buy(client: &Client, url: &str, sku: &str, key: Option<&str>, body: &st
 }
 
 async fn item(client: &Client, url: &str, sku: &str) -> serde_json::Value {
-    client.get(format!("{url}/items/{sku}")).send().await.unwrap().json().await.unwrap()
+    client
+        .get(format!("{url}/items/{sku}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// 200 buyers for 25 units through two instances, retrying 409/423/429/503 with their
@@ -55,7 +73,10 @@ async fn exactly_the_stock_is_sold() {
     let server = RedisServer::spawn();
     let urls = two_instances(&server).await;
     let client = Client::new();
-    assert_eq!(put_stock(&client, &urls[0], "tee", 25).await, StatusCode::CREATED);
+    assert_eq!(
+        put_stock(&client, &urls[0], "tee", 25).await,
+        StatusCode::CREATED
+    );
 
     let buyers: Vec<_> = (0..200)
         .map(|i| {
@@ -72,7 +93,8 @@ async fn exactly_the_stock_is_sold() {
                         }
                         StatusCode::GONE => return None,
                         status if [409, 423, 429, 503].contains(&status.as_u16()) => {
-                            tokio::time::sleep(Duration::from_millis(10 + fastrand::u64(0..40))).await;
+                            tokio::time::sleep(Duration::from_millis(10 + fastrand::u64(0..40)))
+                                .await;
                         }
                         status => panic!("unexpected {status}"),
                     }
@@ -114,21 +136,54 @@ async fn replays_and_bad_requests() {
         let again: serde_json::Value = again.json().await.unwrap();
         assert_eq!(again, first, "the replay differs from the first answer");
     }
-    assert_eq!(item(&client, &urls[1], "cap").await["sold"], 2, "a replay charged again");
+    assert_eq!(
+        item(&client, &urls[1], "cap").await["sold"],
+        2,
+        "a replay charged again"
+    );
 
-    let other_body = buy(&client, &urls[1], "cap", Some("k-1"), r#"{"user": "ann", "qty": 3}"#).await;
+    let other_body = buy(
+        &client,
+        &urls[1],
+        "cap",
+        Some("k-1"),
+        r#"{"user": "ann", "qty": 3}"#,
+    )
+    .await;
     assert_eq!(other_body.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let no_key = buy(&client, &urls[0], "cap", None, body).await;
     assert_eq!(no_key.status(), StatusCode::BAD_REQUEST);
     assert_eq!(no_key.headers()["content-type"], "application/problem+json");
     let malformed = buy(&client, &urls[0], "cap", Some("k-2"), r#"{"user": "#).await;
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
-    let zero = buy(&client, &urls[0], "cap", Some("k-3"), r#"{"user": "ann", "qty": 0}"#).await;
+    let zero = buy(
+        &client,
+        &urls[0],
+        "cap",
+        Some("k-3"),
+        r#"{"user": "ann", "qty": 0}"#,
+    )
+    .await;
     assert_eq!(zero.status(), StatusCode::BAD_REQUEST);
-    let too_many = buy(&client, &urls[0], "cap", Some("k-4"), r#"{"user": "bob", "qty": 4}"#).await;
+    let too_many = buy(
+        &client,
+        &urls[0],
+        "cap",
+        Some("k-4"),
+        r#"{"user": "bob", "qty": 4}"#,
+    )
+    .await;
     assert_eq!(too_many.status(), StatusCode::GONE);
     assert_eq!(item(&client, &urls[1], "cap").await["sold"], 2);
-    assert_eq!(client.get(format!("{}/items/nope", urls[0])).send().await.unwrap().status(), 404);
+    assert_eq!(
+        client
+            .get(format!("{}/items/nope", urls[0]))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 }
 
 /// Redis down: buys answer 503 (never a 200 that was not a sale); back up, sales resume.
@@ -139,7 +194,12 @@ async fn an_outage_answers_503_and_recovers() {
     let client = Client::new();
     put_stock(&client, &urls[0], "mug", 10).await;
     let body = r#"{"user": "ann", "qty": 1}"#;
-    assert_eq!(buy(&client, &urls[0], "mug", Some("a"), body).await.status(), StatusCode::OK);
+    assert_eq!(
+        buy(&client, &urls[0], "mug", Some("a"), body)
+            .await
+            .status(),
+        StatusCode::OK
+    );
 
     server.kill();
     for (i, url) in urls.iter().enumerate() {
@@ -154,7 +214,9 @@ async fn an_outage_answers_503_and_recovers() {
     let mut status = StatusCode::SERVICE_UNAVAILABLE;
     for _ in 0..100 {
         if put_stock(&client, &urls[0], "mug", 10).await.is_success() {
-            status = buy(&client, &urls[1], "mug", Some("after"), body).await.status();
+            status = buy(&client, &urls[1], "mug", Some("after"), body)
+                .await
+                .status();
             if status == StatusCode::OK {
                 break;
             }

@@ -107,16 +107,27 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
-    /// Waits at most `timeout` for `key` to be released before the next attempt.
+    /// A count of the releases of `key` this backend has heard of, read before each
+    /// attempt and handed to [`wait_for_release`](Self::wait_for_release), so that a
+    /// release heard between a failed attempt and the wait is not slept through. The
+    /// default, for backends that hear of nothing, is always 0.
+    fn release_epoch(&self, key: &LockKey) -> u64 {
+        let _ = key;
+        0
+    }
+
+    /// Waits at most `timeout` for `key` to be released before the next attempt; returns
+    /// at once if a release was heard since `epoch`.
     ///
     /// The default sleeps the whole `timeout`: the layer's backoff is then the only
     /// wake-up. A backend that hears about releases may return as soon as one happens.
     fn wait_for_release(
         &self,
         key: &LockKey,
+        epoch: u64,
         timeout: Duration,
     ) -> impl Future<Output = ()> + Send {
-        let _ = key;
+        let _ = (key, epoch);
         tokio::time::sleep(timeout)
     }
 }

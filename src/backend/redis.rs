@@ -353,13 +353,6 @@ impl LockBackend for RedisBackend {
         })
     }
 
-    async fn wait_for_release(&self, key: &LockKey, timeout: Duration) {
-        match &self.notifier {
-            Some(notifier) => notifier.wait(&self.release_channel(key), timeout).await,
-            None => tokio::time::sleep(timeout).await,
-        }
-    }
-
     async fn extend(
         &self,
         key: &LockKey,
@@ -370,6 +363,22 @@ impl LockBackend for RedisBackend {
         invocation.arg(lease_millis(ttl));
         let extended: i64 = self.run(invocation).await?;
         Ok(extended == 1)
+    }
+
+    fn release_epoch(&self, key: &LockKey) -> u64 {
+        self.notifier
+            .as_ref()
+            .map_or(0, |notifier| notifier.epoch(&self.release_channel(key)))
+    }
+
+    async fn wait_for_release(&self, key: &LockKey, epoch: u64, timeout: Duration) {
+        match &self.notifier {
+            Some(notifier) => {
+                let channel = self.release_channel(key);
+                notifier.wait(&channel, epoch, timeout).await
+            }
+            None => tokio::time::sleep(timeout).await,
+        }
     }
 }
 
