@@ -46,7 +46,7 @@ pub use crate::{
 };
 
 #[cfg(feature = "redis")]
-pub use crate::backend::RedisBackend;
+pub use crate::backend::{RedisBackend, RedlockBackend};
 
 #[cfg(feature = "axum")]
 pub use crate::{extract::MissingLock, key::PathParam};

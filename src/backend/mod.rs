@@ -15,11 +15,13 @@ mod notify;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]
+mod redlock;
+#[cfg(feature = "redis")]
 mod scripts;
 
 pub use self::memory::InMemoryBackend;
 #[cfg(feature = "redis")]
-pub use self::redis::RedisBackend;
+pub use self::{redis::RedisBackend, redlock::RedlockBackend};
 
 /// A boxed error from a backend's client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -21,7 +21,9 @@ use axum::{
 use deadpool_redis::{Pool, Runtime, Timeouts, redis::AsyncCommands};
 use serde::Deserialize;
 use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer};
-use tower_redis_lock::{Held, InMemoryBackend, LockBackend, LockLayer, PathParam, RedisBackend};
+use tower_redis_lock::{
+    Held, InMemoryBackend, LockBackend, LockLayer, PathParam, RedisBackend, RedlockBackend,
+};
 
 pub use self::redis_server::RedisServer;
 
@@ -123,6 +125,57 @@ impl Harness for Redis {
             .server
             .query(deadpool_redis::redis::cmd("KEYS").arg("lock:*"));
         keys.len()
+    }
+}
+
+/// Locks on several Redis servers of the test's own, by majority.
+pub struct Redlock {
+    pub servers: Vec<RedisServer>,
+}
+
+impl Redlock {
+    pub fn spawn(nodes: usize) -> Self {
+        Self {
+            servers: (0..nodes).map(|_| RedisServer::spawn()).collect(),
+        }
+    }
+}
+
+/// One node as an app instance sees it: its own pool and subscriber.
+pub fn redis_node(server: &RedisServer) -> RedisBackend {
+    let client = deadpool_redis::redis::Client::open(server.url()).expect("redis url");
+    RedisBackend::new(pool(&server.url()))
+        .command_timeout(Duration::from_millis(500))
+        .notify_with(client)
+}
+
+impl Harness for Redlock {
+    type Backend = RedlockBackend;
+
+    fn instance(&self) -> RedlockBackend {
+        let nodes = self.servers.iter().map(redis_node).collect();
+        // Generous for a loaded 2-core machine; production would use tens of ms.
+        RedlockBackend::new(nodes).node_timeout(Duration::from_millis(300))
+    }
+
+    fn fenced_instance(&self) -> RedlockBackend {
+        self.instance()
+    }
+
+    fn counter(&self) -> Counter {
+        Counter::Redis(pool(&self.servers[0].url()))
+    }
+
+    fn held_locks(&self) -> usize {
+        self.servers
+            .iter()
+            .filter(|server| server.pid_alive())
+            .map(|server| {
+                let keys: Vec<String> =
+                    server.query(deadpool_redis::redis::cmd("KEYS").arg("lock:*"));
+                keys.len()
+            })
+            .sum()
     }
 }
 

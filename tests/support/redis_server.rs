@@ -60,6 +60,11 @@ impl RedisServer {
         self.child.as_ref().expect("server is not running").id()
     }
 
+    /// Whether the server process is running (not killed).
+    pub fn pid_alive(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Kills the process (SIGKILL) and waits for it: connections are refused afterwards.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

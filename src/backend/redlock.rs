@@ -1,0 +1,211 @@
+//! Locks on several independent Redis servers, by majority (DESIGN §7).
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use futures_util::future::join_all;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::{Acquire, BackendError, LockBackend, Released, redis::RedisBackend};
+use crate::{LockKey, guard::drift};
+
+/// Default bound on each node's answer during an acquisition: a node slower than this is
+/// counted as a refusal rather than allowed to eat into the lease.
+const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// A backend on N independent Redis servers (3, 5, 7…): the Redlock algorithm.
+///
+/// An acquisition asks every node at once, each bounded by the node timeout, and holds
+/// the lock when a majority (N/2 + 1) granted it and time is left of the lease: validity
+/// = ttl − elapsed − drift, drift = ttl · 1 % + 2 ms. Otherwise it releases on every node,
+/// so no partial lock stays behind, and the layer's backoff tries again. Release and
+/// extend go to every node; an extension needs a majority too.
+///
+/// Each node is a [`RedisBackend`] with its own pool, prefix and command timeout; the
+/// scripts are the same as on one server. Release notifications are heard on the first
+/// node that has them on.
+///
+/// **Fencing**: no tokens. There is no single counter across nodes, and numbers made from
+/// per-node counters (the largest of a majority's, say) do not grow with every
+/// acquisition when successive majorities differ. Where a late write by a stalled holder
+/// must be refused, use [`RedisBackend`] with fencing on one server that persists and
+/// never evicts, or a consensus store.
+///
+/// **What holds**: while a majority of nodes is up and their clocks run at about the same
+/// rate, at most one holder at a time, even with a minority down, frozen or restarted. A
+/// node restarted *empty* during a hold lowers the holder's majority by one; with N = 3,
+/// one such restart plus another node failing can let a second holder in. Run nodes with
+/// persistence, or keep them down for a ttl after a crash.
+#[derive(Clone)]
+pub struct RedlockBackend {
+    nodes: Arc<[RedisBackend]>,
+    node_timeout: Duration,
+}
+
+impl RedlockBackend {
+    /// A backend on `nodes`, with a 100 ms node timeout.
+    ///
+    /// # Panics
+    ///
+    /// When `nodes` is empty.
+    pub fn new(nodes: Vec<RedisBackend>) -> Self {
+        assert!(!nodes.is_empty(), "RedlockBackend needs at least one node");
+        Self {
+            nodes: nodes.into(),
+            node_timeout: DEFAULT_NODE_TIMEOUT,
+        }
+    }
+
+    /// Bounds each node's answer during an acquisition, release or extension (default
+    /// 100 ms). Keep it a small fraction of the ttl: the slowest answer counted is taken
+    /// off the lease.
+    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+        self.node_timeout = timeout;
+        self
+    }
+
+    /// The nodes, in order.
+    pub fn nodes(&self) -> &[RedisBackend] {
+        &self.nodes
+    }
+
+    /// How many nodes make a majority.
+    pub fn quorum(&self) -> usize {
+        self.nodes.len() / 2 + 1
+    }
+
+    /// Runs `op` on every node at once, each bounded by the node timeout.
+    async fn on_all<'a, T, F, Fut>(&'a self, op: F) -> Vec<Result<T, BackendError>>
+    where
+        F: Fn(&'a RedisBackend) -> Fut,
+        Fut: Future<Output = Result<T, BackendError>> + 'a,
+    {
+        let timeout = self.node_timeout;
+        join_all(self.nodes.iter().map(|node| {
+            let call = op(node);
+            async move {
+                tokio::time::timeout(timeout, call)
+                    .await
+                    .unwrap_or(Err(BackendError::Timeout(timeout)))
+            }
+        }))
+        .await
+    }
+}
+
+impl LockBackend for RedlockBackend {
+    async fn try_acquire(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        let started = Instant::now();
+        let answers = self.on_all(|node| node.try_acquire(key, token, ttl)).await;
+        let validity = ttl
+            .checked_sub(started.elapsed())
+            .and_then(|left| left.checked_sub(drift(ttl)));
+        let granted = answers
+            .iter()
+            .filter(|answer| matches!(answer, Ok(Acquire::Acquired { .. })))
+            .count();
+        if granted >= self.quorum() && validity.is_some_and(|left| !left.is_zero()) {
+            return Ok(Acquire::Acquired {
+                fencing_token: None,
+            });
+        }
+        // No majority (or no time left): undo what was granted, so that nothing partial
+        // stays behind to block the next attempt.
+        if granted > 0 {
+            let _ = self.release(key, token).await;
+        }
+        let answered = answers.iter().filter(|answer| answer.is_ok()).count();
+        if answered < self.quorum() {
+            let last_error = answers.into_iter().filter_map(Result::err).last();
+            return Err(last_error.unwrap_or_else(|| {
+                BackendError::Unavailable("no majority of Redlock nodes answered".into())
+            }));
+        }
+        // Held elsewhere: the shortest lease reported says when to look again.
+        let remaining = answers
+            .iter()
+            .filter_map(|answer| match answer {
+                Ok(Acquire::Held { remaining }) => *remaining,
+                _ => None,
+            })
+            .min();
+        Ok(Acquire::Held { remaining })
+    }
+
+    async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
+        let answers = self.on_all(|node| node.release(key, token)).await;
+        let mut released = Released::default();
+        let mut failures = Vec::new();
+        for answer in answers {
+            match answer {
+                Ok(node) => {
+                    released.was_held |= node.was_held;
+                    released.notified += node.notified;
+                }
+                Err(err) => failures.push(err),
+            }
+        }
+        // Nodes that did not answer keep the key until its lease ends; that is only an
+        // error when no node could be told.
+        match failures.pop() {
+            Some(err) if failures.len() + 1 == self.nodes.len() => Err(err),
+            _ => Ok(released),
+        }
+    }
+
+    async fn extend(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        let answers = self.on_all(|node| node.extend(key, token, ttl)).await;
+        let extended = answers
+            .iter()
+            .filter(|answer| matches!(answer, Ok(true)))
+            .count();
+        if extended >= self.quorum() {
+            return Ok(true);
+        }
+        let answered = answers.iter().filter(|answer| answer.is_ok()).count();
+        if answered >= self.quorum() {
+            Ok(false) // a majority answered, and no majority still holds it for us
+        } else {
+            Err(answers
+                .into_iter()
+                .filter_map(Result::err)
+                .last()
+                .unwrap_or_else(|| {
+                    BackendError::Unavailable("no majority of Redlock nodes answered".into())
+                }))
+        }
+    }
+
+    fn release_epoch(&self, key: &LockKey) -> u64 {
+        self.nodes[0].release_epoch(key)
+    }
+
+    fn wait_for_release(
+        &self,
+        key: &LockKey,
+        epoch: u64,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send {
+        self.nodes[0].wait_for_release(key, epoch, timeout)
+    }
+}
+
+impl fmt::Debug for RedlockBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedlockBackend")
+            .field("nodes", &self.nodes.len())
+            .field("quorum", &self.quorum())
+            .field("node_timeout", &self.node_timeout)
+            .finish()
+    }
+}
