@@ -20,6 +20,7 @@ use http::Request;
 use tower::ServiceExt;
 use tower_redis_lock::{
     BackendError, InMemoryBackend, LockBackend, LockKey, LockLayer, PathParam, RedisBackend,
+    RedlockBackend,
     deadpool_redis::{self, Runtime},
 };
 use uuid::Uuid;
@@ -88,6 +89,25 @@ async fn measure(router: &Router, n: usize, round: usize) -> Vec<Duration> {
         );
     }
     samples
+}
+
+/// Times `n` uncontended acquire+release cycles straight on a backend, distinct keys.
+async fn measure_lock_cycles(
+    backend: &impl LockBackend,
+    n: usize,
+) -> Result<Vec<Duration>, BackendError> {
+    let ttl = Duration::from_secs(10);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let (key, token) = (LockKey::from(format!("cycle:{i}")), Uuid::new_v4());
+        let started = Instant::now();
+        backend.try_acquire(&key, token, ttl).await?;
+        backend.release(&key, token).await?;
+        if i >= n / 10 {
+            samples.push(started.elapsed()); // the first tenth warms up
+        }
+    }
+    Ok(samples)
 }
 
 /// Times `n` lease renewals of one held lock: what the watchdog spends every ttl/3.
@@ -166,9 +186,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = summarize(measure(&redis, n, 1).await);
     let fenced = summarize(measure(&fenced, n, 1).await);
     let renewal = summarize(measure_renewals(&fenced_backend, n).await?);
+    // Redlock on 3 and 5 servers of its own (the first one is the server above).
+    let extra: Vec<_> = (0..4).map(|_| redis_server::RedisServer::spawn()).collect();
+    let mut node_urls = vec![url.clone()];
+    node_urls.extend(extra.iter().map(|server| server.url()));
+    let redlock = |nodes: usize| -> Result<RedlockBackend, Box<dyn std::error::Error>> {
+        let nodes = node_urls[..nodes]
+            .iter()
+            .map(|url| {
+                Ok(RedisBackend::new(
+                    deadpool_redis::Config::from_url(url).create_pool(Some(Runtime::Tokio1))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, Box<dyn std::error::Error>>>()?;
+        Ok(RedlockBackend::new(nodes))
+    };
+    let one_node = summarize(measure_lock_cycles(&RedisBackend::new(pool.clone()), n).await?);
+    let redlock3 = summarize(measure_lock_cycles(&redlock(3)?, n).await?);
+    let redlock5 = summarize(measure_lock_cycles(&redlock(5)?, n).await?);
 
     println!("{n} sequential uncontended requests per series, latency in µs");
-    println!("{:<30} {:>9} {:>9}", "series", "p50", "p99");
+    println!("{:<32} {:>9} {:>9}", "series", "p50", "p99");
     for (name, s) in [
         ("redis PING (one round trip)", &ping),
         ("router, no layer", &bare),
@@ -176,8 +214,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("router + Redis lock", &redis),
         ("router + Redis lock, fencing", &fenced),
         ("one renewal (extend script)", &renewal),
+        ("acquire+release, 1 node", &one_node),
+        ("acquire+release, Redlock-3", &redlock3),
+        ("acquire+release, Redlock-5", &redlock5),
     ] {
-        println!("{name:<30} {:>9.1} {:>9.1}", s.p50, s.p99);
+        println!("{name:<32} {:>9.1} {:>9.1}", s.p50, s.p99);
     }
     let added = |s: &Summary| (s.p50 - bare.p50, s.p99 - bare.p99);
     let (redis_p50, redis_p99) = added(&redis);
@@ -206,6 +247,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "redis_added_p50_in_pings": redis_p50 / ping.p50,
             "fenced_p50_us": fenced.p50, "fenced_p99_us": fenced.p99,
             "renewal_p50_us": renewal.p50, "renewal_p99_us": renewal.p99,
+            "cycle_1_node_p50_us": one_node.p50, "cycle_1_node_p99_us": one_node.p99,
+            "cycle_redlock3_p50_us": redlock3.p50, "cycle_redlock3_p99_us": redlock3.p99,
+            "cycle_redlock5_p50_us": redlock5.p50, "cycle_redlock5_p99_us": redlock5.p99,
         })
     );
     drop(server);
