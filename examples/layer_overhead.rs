@@ -2,7 +2,7 @@
 //! same run.
 //!
 //! ```text
-//! cargo run --release --example layer_overhead -- [--requests N] [--redis-url URL]
+//! cargo run --release --all-features --example layer_overhead -- [--requests N] [--redis-url URL]
 //! ```
 //!
 //! Without `--redis-url` it starts its own `redis-server` on a free port and stops it at
@@ -204,6 +204,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let one_node = summarize(measure_lock_cycles(&RedisBackend::new(pool.clone()), n).await?);
     let redlock3 = summarize(measure_lock_cycles(&redlock(3)?, n).await?);
     let redlock5 = summarize(measure_lock_cycles(&redlock(5)?, n).await?);
+    let cluster = redis_server::RedisCluster::spawn(3);
+    let cluster_pool = deadpool_redis::cluster::Config::from_urls(cluster.urls())
+        .create_pool(Some(Runtime::Tokio1))?;
+    let cluster3 = summarize(measure_lock_cycles(&RedisBackend::cluster(cluster_pool), n).await?);
 
     println!("{n} sequential uncontended requests per series, latency in µs");
     println!("{:<32} {:>9} {:>9}", "series", "p50", "p99");
@@ -217,6 +221,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("acquire+release, 1 node", &one_node),
         ("acquire+release, Redlock-3", &redlock3),
         ("acquire+release, Redlock-5", &redlock5),
+        ("acquire+release, Cluster-3", &cluster3),
     ] {
         println!("{name:<32} {:>9.1} {:>9.1}", s.p50, s.p99);
     }
@@ -230,7 +235,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("added by the in-process lock: p50 {memory_p50:.1} µs, p99 {memory_p99:.1} µs");
     println!(
-        "fencing adds p50 {:.1} µs per acquisition (no extra round trip); a renewal costs p50 {:.1} µs ({:.2}× a PING)",
+        "fencing: p50 difference {:.1} µs per acquisition (no extra round trip); a renewal costs p50 {:.1} µs ({:.2}× a PING)",
         fenced.p50 - redis.p50,
         renewal.p50,
         renewal.p50 / ping.p50,
@@ -250,6 +255,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "cycle_1_node_p50_us": one_node.p50, "cycle_1_node_p99_us": one_node.p99,
             "cycle_redlock3_p50_us": redlock3.p50, "cycle_redlock3_p99_us": redlock3.p99,
             "cycle_redlock5_p50_us": redlock5.p50, "cycle_redlock5_p99_us": redlock5.p99,
+            "cycle_cluster3_p50_us": cluster3.p50, "cycle_cluster3_p99_us": cluster3.p99,
         })
     );
     drop(server);

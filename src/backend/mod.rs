@@ -9,6 +9,8 @@ use uuid::Uuid;
 
 use crate::LockKey;
 
+#[cfg(feature = "redis")]
+mod connection;
 mod memory;
 #[cfg(feature = "redis")]
 mod notify;

@@ -1,23 +1,19 @@
 //! Locks on one Redis server, through a deadpool-redis pool.
 
-use std::{
-    fmt,
-    future::Future,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{fmt, future::Future, sync::Arc, time::Duration};
 
 use deadpool_redis::{
-    Connection, Pool, Runtime,
+    Pool, Runtime,
     redis::{
         Client, ErrorKind, FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation,
-        ServerErrorKind, aio::MultiplexedConnection,
+        ServerErrorKind,
     },
 };
 use uuid::Uuid;
 
 use super::{
     Acquire, BackendError, LockBackend, Released,
+    connection::{Pools, SharedConnection},
     notify::Notifier,
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
@@ -39,9 +35,8 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 /// slot. Acquire, release and extend are each one Lua script and one round trip.
 ///
 /// The backend takes one connection out of the pool and shares it among all its
-/// operations: Redis connections are multiplexed, and a checkout per operation would cost
-/// a round trip of its own (deadpool-redis pings every connection it hands out). After a
-/// connection error or timeout the next operation takes a fresh connection from the pool.
+/// operations (connections are multiplexed); after a connection error or timeout the next
+/// operation takes a fresh one.
 ///
 /// # Example
 ///
@@ -61,8 +56,7 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 /// ```
 #[derive(Clone)]
 pub struct RedisBackend {
-    pool: Pool,
-    connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    connection: Arc<SharedConnection>,
     notifier: Option<Arc<Notifier>>,
     config: Arc<Config>,
 }
@@ -77,9 +71,12 @@ struct Config {
 impl RedisBackend {
     /// A backend over `pool`, with the key prefix `lock:` and a 1 s command timeout.
     pub fn new(pool: Pool) -> Self {
+        Self::with_pools(Pools::Single(pool))
+    }
+
+    fn with_pools(pools: Pools) -> Self {
         Self {
-            pool,
-            connection: Arc::default(),
+            connection: Arc::new(SharedConnection::new(pools)),
             notifier: None,
             config: Arc::new(Config {
                 prefix: DEFAULT_PREFIX.into(),
@@ -111,6 +108,17 @@ impl RedisBackend {
     pub fn notify_with(mut self, client: Client) -> Self {
         self.notifier = Some(Arc::new(Notifier::new(client, self.config.command_timeout)));
         self
+    }
+
+    /// A backend on a Redis Cluster, through a deadpool-redis cluster pool.
+    ///
+    /// Every key of one lock shares a hash slot (`<prefix>{<key>}` and its suffixes), so
+    /// each script runs on the one primary that owns the lock. For release notifications,
+    /// give [`notify_with`](Self::notify_with) a client for any one node: classic pub/sub
+    /// messages reach every node of a cluster.
+    #[cfg(feature = "cluster")]
+    pub fn cluster(pool: deadpool_redis::cluster::Pool) -> Self {
+        Self::with_pools(Pools::Cluster(pool))
     }
 
     /// Sets the namespace put before every Redis key (default `lock:`). It must not
@@ -159,11 +167,6 @@ impl RedisBackend {
     pub fn fencing(mut self, on: bool) -> Self {
         Arc::make_mut(&mut self.config).fencing = on;
         self
-    }
-
-    /// The pool this backend draws its connections from.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     /// The Redis key that stores the lock `key`: `<prefix>{<key>}`.
@@ -220,7 +223,7 @@ impl RedisBackend {
         invocation: ScriptInvocation<'static>,
     ) -> Result<T, BackendError> {
         self.guarded(async {
-            let mut conn = self.connection().await?;
+            let mut conn = self.connection.get().await?;
             invocation.invoke_async(&mut conn).await.map_err(classify)
         })
         .await
@@ -229,7 +232,7 @@ impl RedisBackend {
     /// Runs a pipeline on the shared connection within the command timeout.
     async fn query<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, BackendError> {
         self.guarded(async {
-            let mut conn = self.connection().await?;
+            let mut conn = self.connection.get().await?;
             pipeline.query_async(&mut conn).await.map_err(classify)
         })
         .await
@@ -250,31 +253,9 @@ impl RedisBackend {
             Err(BackendError::Unavailable(_) | BackendError::Timeout(_) | BackendError::Stale(_))
         ) {
             // The next call starts afresh.
-            *self.shared_connection() = None;
+            self.connection.reset();
         }
         result
-    }
-
-    /// The shared connection, taken from the pool when there is none yet.
-    async fn connection(&self) -> Result<MultiplexedConnection, BackendError> {
-        if let Some(conn) = self.shared_connection().as_ref() {
-            return Ok(conn.clone());
-        }
-        let pooled = self
-            .pool
-            .get()
-            .await
-            .map_err(|err| BackendError::Unavailable(err.into()))?;
-        // If a concurrent call got there first, keep its connection and drop ours.
-        let fresh = Connection::take(pooled);
-        Ok(self.shared_connection().get_or_insert(fresh).clone())
-    }
-
-    fn shared_connection(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
-        // The slot holds a plain value that no panic can leave half-written.
-        self.connection
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -450,7 +431,7 @@ impl fmt::Debug for RedisBackend {
             .field("prefix", &self.config.prefix)
             .field("command_timeout", &self.config.command_timeout)
             .field("fencing", &self.config.fencing)
-            .field("pool", &self.pool.status())
+            .field("pool", &self.connection.status())
             .finish()
     }
 }

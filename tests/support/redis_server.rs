@@ -23,6 +23,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Arguments beyond the defaults (cluster mode, a data directory).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -36,7 +38,11 @@ impl RedisServer {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let mut server = RedisServer { port, child: None };
+            let mut server = RedisServer {
+                port,
+                child: None,
+                extra_args: Vec::new(),
+            };
             match server.start() {
                 Ok(()) => return server,
                 Err(err) => last_error = err,
@@ -119,6 +125,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -196,4 +203,100 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A Redis Cluster of `masters` primaries (no replicas), each a [`RedisServer`] with its own
+/// data directory, joined with `redis-cli --cluster create`.
+#[derive(Debug)]
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl RedisCluster {
+    /// Starts the nodes and waits until the cluster says `cluster_state:ok`.
+    pub fn spawn(masters: usize) -> Self {
+        let mut nodes = Vec::new();
+        let mut dirs = Vec::new();
+        while nodes.len() < masters {
+            let port = free_cluster_port();
+            let dir =
+                std::env::temp_dir().join(format!("trl-cluster-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("cluster node directory");
+            let extra_args = vec![
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                "nodes.conf".into(),
+                "--cluster-node-timeout".into(),
+                "5000".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+            ];
+            let mut node = RedisServer {
+                port,
+                child: None,
+                extra_args,
+            };
+            if node.start().is_ok() {
+                nodes.push(node);
+                dirs.push(dir);
+            }
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli is not installed: apt-get install -y redis-tools");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let cluster = RedisCluster { nodes, dirs };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cluster.nodes.iter().all(|node| {
+            let info: String = node.query(redis::cmd("CLUSTER").arg("INFO"));
+            info.contains("cluster_state:ok")
+        }) {
+            assert!(Instant::now() < deadline, "the cluster never became ready");
+            thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.nodes.clear(); // stops the servers
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = 20_000 + fastrand_port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+/// A pseudo-random offset below 10,000, without a random-number crate.
+fn fastrand_port() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    (RandomState::new().hash_one(Instant::now()) % 10_000) as u16
 }
