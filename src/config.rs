@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 use crate::{
     LockKey,
     acquire::{AcquireError, Backoff, WaitPolicy},
+    observe,
     rejection::{InvalidKey, LockRejection},
     watchdog::Loss,
 };
@@ -83,6 +84,9 @@ type RejectionResponder = Arc<dyn Fn(&LockRejection) -> Response<Bytes> + Send +
 pub(crate) struct LockConfig {
     pub(crate) wait: WaitPolicy,
     pub(crate) key_prefix: Arc<str>,
+    /// The metrics label of this layer's locks; follows the key prefix until set.
+    pub(crate) class: Arc<str>,
+    pub(crate) class_set: bool,
     pub(crate) max_key_len: usize,
     pub(crate) contended_status: StatusCode,
     pub(crate) retry_after: Duration,
@@ -107,6 +111,8 @@ impl Default for LockConfig {
                 renews: true,
             },
             key_prefix: Arc::from(""),
+            class: Arc::from("default"),
+            class_set: false,
             max_key_len: DEFAULT_MAX_KEY_LEN,
             contended_status: StatusCode::CONFLICT,
             retry_after: DEFAULT_RETRY_AFTER,
@@ -181,6 +187,7 @@ impl LockConfig {
 
     pub(crate) fn respond<B: From<Bytes>>(&self, rejection: &LockRejection) -> Response<B> {
         tracing::debug!(%rejection, "request answered by the lock layer");
+        observe::outcome(&self.class, rejection.outcome());
         let response = match &self.respond {
             Some(respond) => respond(rejection),
             None => rejection.to_response(),
@@ -194,6 +201,7 @@ impl std::fmt::Debug for LockConfig {
         f.debug_struct("LockConfig")
             .field("wait", &self.wait)
             .field("key_prefix", &self.key_prefix)
+            .field("class", &self.class)
             .field("max_key_len", &self.max_key_len)
             .field("contended_status", &self.contended_status)
             .field("retry_after", &self.retry_after)
@@ -252,7 +260,25 @@ macro_rules! lock_settings {
         /// A namespace put before every key, so that two routes can lock the same id
         /// separately (`"pay:"`, `"refund:"`). Empty by default.
         pub fn key_prefix(mut self, prefix: impl Into<std::sync::Arc<str>>) -> Self {
-            self.config_mut().key_prefix = prefix.into();
+            let config = self.config_mut();
+            config.key_prefix = prefix.into();
+            if !config.class_set {
+                let class = config.key_prefix.trim_end_matches(':');
+                config.class = if class.is_empty() {
+                    "default".into()
+                } else {
+                    class.into()
+                };
+            }
+            self
+        }
+
+        /// The `class` label of this layer's metrics (default: the key prefix without
+        /// its trailing `:`, or `default`). Locks are never labelled by key.
+        pub fn metrics_class(mut self, class: impl Into<std::sync::Arc<str>>) -> Self {
+            let config = self.config_mut();
+            config.class = class.into();
+            config.class_set = true;
             self
         }
 

@@ -11,6 +11,7 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::{
@@ -18,6 +19,7 @@ use crate::{
     acquire::{AcquireError, Acquired},
     config::{FailMode, LockConfig, LossPolicy},
     guard::LockGuard,
+    observe::{self, Outcome},
     watchdog::Watchdog,
 };
 
@@ -36,6 +38,8 @@ pin_project! {
         #[pin]
         state: State<S, B, ReqBody>,
         config: Arc<LockConfig>,
+        span: tracing::Span,
+        started: Instant,
     }
 }
 
@@ -58,6 +62,7 @@ pin_project! {
             future: S::Future,
             guard: Option<LockGuard<B>>,
             watchdog: Option<Watchdog<B>>,
+            acquired_at: Instant,
         },
         // The response is ready; the release is awaited (bounded) before it goes out.
         Releasing {
@@ -86,28 +91,42 @@ where
         service: S,
         request: Request<ReqBody>,
         config: Arc<LockConfig>,
+        span: tracing::Span,
     ) -> Self {
         let state = State::Acquiring {
             acquire,
             service: Some(service),
             request: Some(request),
         };
-        Self { state, config }
+        let started = Instant::now();
+        Self {
+            state,
+            config,
+            span,
+            started,
+        }
     }
 
     pub(crate) fn unlocked(future: S::Future, config: Arc<LockConfig>) -> Self {
+        let (span, started) = (tracing::Span::none(), Instant::now());
         Self {
             state: State::Unlocked { future },
             config,
+            span,
+            started,
         }
     }
 
     pub(crate) fn rejected(response: S::Response, config: Arc<LockConfig>) -> Self {
+        let (span, started) = (tracing::Span::none(), Instant::now());
+        let state = State::Rejected {
+            response: Some(response),
+        };
         Self {
-            state: State::Rejected {
-                response: Some(response),
-            },
+            state,
             config,
+            span,
+            started,
         }
     }
 }
@@ -122,6 +141,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Acquiring {
@@ -132,8 +152,14 @@ where
                     let outcome = ready!(acquire.as_mut().poll(cx));
                     let mut service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
+                    let waited = this.started.elapsed();
+                    this.span.record("wait_ms", waited.as_secs_f64() * 1e3);
                     let next = match outcome {
                         Ok(Acquired { guard, held }) => {
+                            this.span.record("outcome", Outcome::Acquired.as_str());
+                            observe::outcome(&this.config.class, Outcome::Acquired);
+                            observe::waited(&this.config.class, waited);
+                            let acquired_at = held.acquired_at();
                             let watchdog = Some(Watchdog::new(
                                 guard.backend().clone(),
                                 held.clone(),
@@ -146,6 +172,7 @@ where
                                 future,
                                 guard: Some(guard),
                                 watchdog,
+                                acquired_at,
                             }
                         }
                         Err(AcquireError::Unavailable(err))
@@ -158,6 +185,7 @@ where
                         }
                         Err(err) => {
                             let rejection = this.config.rejection(err);
+                            this.span.record("outcome", rejection.outcome().as_str());
                             return Poll::Ready(Ok(this.config.respond(&rejection)));
                         }
                     };
@@ -167,6 +195,7 @@ where
                     future,
                     guard,
                     watchdog,
+                    acquired_at,
                 } => {
                     // The lease first: a handler is not polled on past a lost lock.
                     if let Some(Poll::Ready(loss)) = watchdog.as_mut().map(|w| w.poll_lost(cx)) {
@@ -175,12 +204,14 @@ where
                             // Dropping the state drops the handler's future; the guard
                             // still releases, in case the lease was merely unreachable.
                             let rejection = this.config.loss(loss);
+                            this.span.record("outcome", Outcome::Lost.as_str());
                             this.state.set(State::Rejected { response: None });
                             return Poll::Ready(Ok(this.config.respond(&rejection)));
                         }
                         // `Signal`: the handler was told through `Held`; it decides.
                     }
                     let output = ready!(future.poll(cx));
+                    observe::held(&this.config.class, acquired_at.elapsed());
                     let guard = guard.take().expect("polled after completion");
                     let release = Box::pin(guard.release(this.config.release_timeout));
                     this.state.set(State::Releasing {

@@ -21,6 +21,7 @@ pub mod idempotency;
 mod key;
 mod layer;
 mod locker;
+mod observe;
 mod queue;
 mod rejection;
 mod service;

@@ -15,6 +15,7 @@ use crate::{
     acquire::{Acquired, acquire},
     config::{DEFAULT_MAX_HAND_OFFS, LockConfig},
     guard::LockGuard,
+    observe::{self, Outcome},
     queue::LocalQueues,
     watchdog::Watchdog,
 };
@@ -103,6 +104,7 @@ impl<B: LockBackend> Locker<B> {
             && request.keys().contains(&key)
         {
             tracing::error!(%key, "a request asked again for a lock it holds");
+            observe::outcome(&self.config.class, Outcome::AlreadyHeld);
             return Err(LockRejection::AlreadyHeld);
         }
         let acquisition = acquire(
@@ -111,9 +113,14 @@ impl<B: LockBackend> Locker<B> {
             self.config.wait,
             self.queues.clone(),
         );
-        let Acquired { guard, held } = acquisition
-            .await
-            .map_err(|err| self.config.rejection(err))?;
+        let started = tokio::time::Instant::now();
+        let Acquired { guard, held } = acquisition.await.map_err(|err| {
+            let rejection = self.config.rejection(err);
+            observe::outcome(&self.config.class, rejection.outcome());
+            rejection
+        })?;
+        observe::outcome(&self.config.class, Outcome::Acquired);
+        observe::waited(&self.config.class, started.elapsed());
         let watchdog = self.config.renew_every().map(|every| {
             let mut watchdog = Watchdog::new(
                 self.backend.clone(),
@@ -130,6 +137,7 @@ impl<B: LockBackend> Locker<B> {
         Ok(OwnedLock {
             guard: Some(guard),
             held,
+            class: self.config.class.clone(),
             watchdog,
             request: self.request.clone(),
             release_timeout: self.config.release_timeout,
@@ -185,6 +193,7 @@ impl<B: LockBackend + fmt::Debug> fmt::Debug for Locker<B> {
 pub struct OwnedLock<B: LockBackend> {
     guard: Option<LockGuard<B>>,
     held: Held,
+    class: Arc<str>,
     watchdog: Option<AbortHandle>,
     request: Option<Arc<RequestLocks>>,
     release_timeout: std::time::Duration,
@@ -207,6 +216,9 @@ impl<B: LockBackend> OwnedLock<B> {
 
     /// Stops renewing and forgets the key in its request's set.
     fn stop(&mut self) {
+        if self.guard.is_some() {
+            observe::held(&self.class, self.held.acquired_at().elapsed());
+        }
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.abort();
         }

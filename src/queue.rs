@@ -212,6 +212,7 @@ impl<B: LockBackend> LocalQueues<B> {
             match waiter.grant.send(Grant::HandOff(offer)) {
                 Ok(()) => {
                     queue.hand_offs += 1;
+                    crate::observe::hand_off();
                     tracing::trace!(%key, hand_offs = queue.hand_offs, "lock handed off");
                     return Ok(());
                 }

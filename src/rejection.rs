@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::backend::BackendError;
+use crate::{backend::BackendError, observe::Outcome};
 
 /// Why a request did not reach the inner service.
 ///
@@ -81,6 +81,17 @@ impl LockRejection {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             LockRejection::AlreadyHeld => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub(crate) fn outcome(&self) -> Outcome {
+        match self {
+            LockRejection::Contended { .. } => Outcome::Contended,
+            LockRejection::MissingKey => Outcome::NoKey,
+            LockRejection::InvalidKey(_) => Outcome::InvalidKey,
+            LockRejection::Lost { .. } => Outcome::Lost,
+            LockRejection::AlreadyHeld => Outcome::AlreadyHeld,
+            LockRejection::Unavailable { .. } => Outcome::Unavailable,
         }
     }
 

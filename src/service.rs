@@ -83,13 +83,22 @@ where
                 // polled ready; `self` keeps a fresh clone (tower-service docs).
                 let clone = self.inner.clone();
                 let ready = mem::replace(&mut self.inner, clone);
+                // Disabled spans cost nothing: the key is only formatted when recorded.
+                let span = tracing::debug_span!(
+                    "lock",
+                    key = %key,
+                    class = %self.config.class,
+                    outcome = tracing::field::Empty,
+                    wait_ms = tracing::field::Empty,
+                );
                 let acquire = acquire(
                     self.backend.clone(),
                     key,
                     self.config.wait,
                     self.queues.clone(),
                 );
-                ResponseFuture::acquiring(Box::pin(acquire), ready, request, self.config.clone())
+                let config = self.config.clone();
+                ResponseFuture::acquiring(Box::pin(acquire), ready, request, config, span)
             }
             Ok(None) => ResponseFuture::unlocked(self.inner.call(request), self.config.clone()),
             Err(rejection) => {

@@ -18,6 +18,7 @@ use crate::{
     Held, LockBackend,
     backend::BackendError,
     guard::{drift, saturating_add},
+    observe,
 };
 
 type Renewal = Pin<Box<dyn Future<Output = Result<bool, BackendError>> + Send>>;
@@ -80,6 +81,7 @@ impl<B: LockBackend> Watchdog<B> {
                     self.renewing = None;
                     match outcome {
                         Ok(true) => {
+                            observe::renewal(true);
                             self.held.renewed(sent, self.ttl);
                             self.next_renewal =
                                 saturating_add(sent, self.every.unwrap_or(Duration::MAX));
@@ -87,6 +89,7 @@ impl<B: LockBackend> Watchdog<B> {
                         }
                         Ok(false) => return self.lost(Loss::Taken),
                         Err(err) => {
+                            observe::renewal(false);
                             // Try again soon; the deadline check above ends the retries.
                             tracing::warn!(key = %self.held.key(), error = %err, "lease renewal failed");
                             let retry = self.every.unwrap_or(self.ttl) / 4;

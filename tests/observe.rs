@@ -1,0 +1,116 @@
+//! What operators see: metrics labelled by class (never by key), and a `lock` span per
+//! locked request with its outcome. One global recorder and subscriber for this binary.
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use axum::{Router, body::Body, routing::post};
+use http::{Request, StatusCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tower::ServiceExt;
+use tower_redis_lock::{Acquire, InMemoryBackend, LockBackend, LockKey, LockLayer, PathParam};
+use tracing_subscriber::fmt::format::FmtSpan;
+use uuid::Uuid;
+
+/// Log lines written by the test subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn observed() -> &'static (PrometheusHandle, Captured) {
+    static OBSERVED: OnceLock<(PrometheusHandle, Captured)> = OnceLock::new();
+    OBSERVED.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).expect("one recorder per test binary");
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_span_events(FmtSpan::CLOSE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        (handle, captured)
+    })
+}
+
+async fn call(router: &Router, uri: &str) -> StatusCode {
+    let request = Request::post(uri).body(Body::empty()).unwrap();
+    router.clone().oneshot(request).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn metrics_and_spans_tell_each_outcome_by_class() {
+    let (metrics, logs) = observed();
+    let backend = InMemoryBackend::new();
+    let router = Router::new()
+        .route(
+            "/pay/{id}",
+            post(|| async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                "ok"
+            }),
+        )
+        .route_layer(
+            LockLayer::new(backend.clone(), PathParam::new("id"))
+                .key_prefix("pay:")
+                .max_wait(Duration::ZERO),
+        );
+    assert_eq!(call(&router, "/pay/secret-order-1").await, StatusCode::OK);
+    assert_eq!(call(&router, "/pay/secret-order-2").await, StatusCode::OK);
+    let token = Uuid::new_v4();
+    let held = backend
+        .try_acquire(&LockKey::from("pay:busy"), token, Duration::from_secs(30))
+        .await;
+    assert!(matches!(held, Ok(Acquire::Acquired { .. })));
+    assert_eq!(call(&router, "/pay/busy").await, StatusCode::CONFLICT);
+
+    let text = metrics.render();
+    assert!(
+        text.contains(r#"lock_requests_total{class="pay",outcome="acquired"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"lock_requests_total{class="pay",outcome="contended"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("lock_wait_seconds"), "{text}");
+    assert!(text.contains("lock_hold_seconds"), "{text}");
+    assert!(
+        !text.contains("secret-order"),
+        "a raw key leaked into the metrics"
+    );
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let spans: Vec<_> = logs
+        .lines()
+        .filter(|line| line.contains("lock{") && line.contains("close"))
+        .collect();
+    assert!(
+        spans
+            .iter()
+            .any(|line| line.contains("key=pay:secret-order-1")
+                && line.contains("outcome=\"acquired\"")),
+        "{logs}"
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|line| line.contains("key=pay:busy") && line.contains("outcome=\"contended\"")),
+        "{logs}"
+    );
+    assert!(spans.iter().all(|line| line.contains("wait_ms=")), "{logs}");
+}
