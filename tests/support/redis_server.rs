@@ -35,13 +35,19 @@ impl RedisServer {
     /// When `redis-server` is not installed (with the command that installs it), or
     /// when no server comes up after a few ports.
     pub fn spawn() -> Self {
+        Self::spawn_with(&[])
+    }
+
+    /// [`spawn`](Self::spawn) with more arguments (`--replicaof`, `--maxmemory`…).
+    pub fn spawn_with(args: &[&str]) -> Self {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
+            let extra_args = args.iter().map(|arg| arg.to_string()).collect();
             let mut server = RedisServer {
                 port,
                 child: None,
-                extra_args: Vec::new(),
+                extra_args,
             };
             match server.start() {
                 Ok(()) => return server,
