@@ -88,6 +88,13 @@ impl<B: LockBackend, K: MakeLockKey> LockLayer<B, K> {
 }
 
 impl<B: LockBackend, K> LockLayer<B, K> {
+    /// How many keys this layer's requests hold or wait for in this process right now
+    /// (0 without a local queue). Back to 0 whenever the layer is idle: nothing is kept
+    /// per key once its requests are done.
+    pub fn keys_in_use(&self) -> usize {
+        self.queues.as_ref().map_or(0, |queues| queues.busy_keys())
+    }
+
     fn config_mut(&mut self) -> &mut LockConfig {
         Arc::make_mut(&mut self.config)
     }

@@ -245,7 +245,6 @@ impl<B: LockBackend> LocalQueues<B> {
     }
 
     /// How many keys are busy here (held or asked for).
-    #[cfg(test)]
     pub(crate) fn busy_keys(&self) -> usize {
         self.keys().len()
     }
