@@ -94,6 +94,7 @@ impl<B: LockBackend + ResponseStore> IdempotencyLayer<B> {
     /// kept with them.
     pub fn new(backend: B) -> Self {
         let locker = Locker::new(backend.clone())
+            .metrics_class("idempotency")
             .max_wait(Duration::ZERO)
             .max_key_len(usize::MAX);
         Self {
