@@ -43,6 +43,8 @@ use crate::{
 /// # Example
 ///
 /// ```
+/// # #[cfg(feature = "axum")]
+/// # fn main() {
 /// use std::time::Duration;
 /// use axum::{Router, routing::post};
 /// use tower_redis_lock::{Held, InMemoryBackend, LockLayer, PathParam};
@@ -59,6 +61,9 @@ use crate::{
 ///             .max_wait(Duration::from_millis(500))
 ///             .ttl(Duration::from_secs(10)),
 ///     );
+/// # }
+/// # #[cfg(not(feature = "axum"))]
+/// # fn main() {}
 /// ```
 #[must_use]
 pub struct LockLayer<B: LockBackend, K> {

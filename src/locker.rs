@@ -32,6 +32,8 @@ use crate::{
 /// # Example
 ///
 /// ```
+/// # #[cfg(feature = "axum")]
+/// # fn main() {
 /// use axum::{Json, Router, routing::post};
 /// use tower_redis_lock::{InMemoryBackend, Locker, LockRejection};
 ///
@@ -52,6 +54,9 @@ use crate::{
 /// let app: Router = Router::new()
 ///     .route("/transfers", post(transfer))
 ///     .with_state(Locker::new(InMemoryBackend::new()).key_prefix("account:"));
+/// # }
+/// # #[cfg(not(feature = "axum"))]
+/// # fn main() {}
 /// ```
 pub struct Locker<B: LockBackend> {
     backend: B,

@@ -119,6 +119,17 @@ impl LockBackend for RedlockBackend {
         if granted > 0 {
             let _ = self.release(key, token).await;
         }
+        // A node that did not answer may still run the attempt late (a stalled
+        // connection): release there once more, after it could have.
+        for (node, answer) in self.nodes.iter().zip(&answers) {
+            if answer.is_err() && tokio::runtime::Handle::try_current().is_ok() {
+                let (node, key, delay) = (node.clone(), key.clone(), self.node_timeout);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = node.release(&key, token).await;
+                });
+            }
+        }
         let answered = answers.iter().filter(|answer| answer.is_ok()).count();
         if answered < self.quorum() {
             let last_error = answers.into_iter().filter_map(Result::err).last();
