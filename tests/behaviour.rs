@@ -730,7 +730,7 @@ macro_rules! fencing_tests {
 
 behaviour_tests!(memory, support::Memory::new());
 behaviour_tests!(redis, support::Redis::spawn());
-behaviour_tests!(redlock, support::Redlock::spawn(3));
+behaviour_tests!(redlock, support::Redlock::spawn(5));
 
 mod fencing {
     use super::*;
