@@ -187,7 +187,10 @@ impl LockConfig {
 
     pub(crate) fn respond<B: From<Bytes>>(&self, rejection: &LockRejection) -> Response<B> {
         tracing::debug!(%rejection, "request answered by the lock layer");
-        observe::outcome(&self.class, rejection.outcome());
+        // A loss was counted when it happened; the request's acquisition already was.
+        if !matches!(rejection, LockRejection::Lost { .. }) {
+            observe::outcome(&self.class, rejection.outcome());
+        }
         let response = match &self.respond {
             Some(respond) => respond(rejection),
             None => rejection.to_response(),

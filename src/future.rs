@@ -179,6 +179,8 @@ where
                             if this.config.fail_mode == FailMode::Open =>
                         {
                             tracing::warn!(error = %err, "lock backend failed; serving unlocked (fail-open)");
+                            this.span.record("outcome", Outcome::Unavailable.as_str());
+                            observe::outcome(&this.config.class, Outcome::Unavailable);
                             State::Unlocked {
                                 future: service.call(request),
                             }
@@ -200,11 +202,13 @@ where
                     // The lease first: a handler is not polled on past a lost lock.
                     if let Some(Poll::Ready(loss)) = watchdog.as_mut().map(|w| w.poll_lost(cx)) {
                         *watchdog = None;
+                        observe::lost(&this.config.class);
                         if this.config.loss_policy == LossPolicy::Abort {
                             // Dropping the state drops the handler's future; the guard
                             // still releases, in case the lease was merely unreachable.
                             let rejection = this.config.loss(loss);
                             this.span.record("outcome", Outcome::Lost.as_str());
+                            observe::held(&this.config.class, acquired_at.elapsed());
                             this.state.set(State::Rejected { response: None });
                             return Poll::Ready(Ok(this.config.respond(&rejection)));
                         }

@@ -134,7 +134,12 @@ impl<B: LockBackend> Locker<B> {
                 Some(every),
             );
             // No future of ours wraps the caller's work, so the watchdog gets a task.
-            tokio::spawn(async move { poll_fn(|cx| watchdog.poll_lost(cx)).await }).abort_handle()
+            let class = self.config.class.clone();
+            tokio::spawn(async move {
+                poll_fn(|cx| watchdog.poll_lost(cx)).await;
+                observe::lost(&class);
+            })
+            .abort_handle()
         });
         if let Some(request) = &self.request {
             request.keys().push(held.key().clone());

@@ -6,7 +6,8 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `lock_requests_total` | counter | `class`, `outcome` = acquired, contended, unavailable, no_key, invalid_key, lost, already_held |
+//! | `lock_requests_total` | counter | `class`, `outcome` = acquired, contended, unavailable, no_key, invalid_key, already_held: how each request's acquisition ended |
+//! | `lock_lost_total` | counter | `class`: locks lost while held, whatever the policy |
 //! | `lock_wait_seconds` | histogram | `class`: from asking to holding (acquired requests) |
 //! | `lock_hold_seconds` | histogram | `class`: from holding to releasing |
 //! | `lock_renewals_total` | counter | `result` = ok, failed |
@@ -46,6 +47,13 @@ pub(crate) fn outcome(class: &Arc<str>, outcome: Outcome) {
         .increment(1);
     #[cfg(not(feature = "metrics"))]
     let _ = (class, outcome);
+}
+
+pub(crate) fn lost(class: &Arc<str>) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("lock_lost_total", "class" => class.clone()).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = class;
 }
 
 pub(crate) fn waited(class: &Arc<str>, wait: Duration) {

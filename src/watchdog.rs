@@ -93,8 +93,10 @@ impl<B: LockBackend> Watchdog<B> {
                             // Try again soon; the deadline check above ends the retries.
                             tracing::warn!(key = %self.held.key(), error = %err, "lease renewal failed");
                             let retry = self.every.unwrap_or(self.ttl) / 4;
-                            self.next_renewal =
-                                Instant::now() + retry.max(Duration::from_millis(10));
+                            self.next_renewal = saturating_add(
+                                Instant::now(),
+                                retry.max(Duration::from_millis(10)),
+                            );
                         }
                     }
                     continue;

@@ -24,7 +24,8 @@ async fn two_instances(server: &RedisServer) -> Vec<String> {
             store: app::Store::Redis(pool(&server.url())),
             metrics: None,
         };
-        urls.push(serve(app::router(backend, state)).await);
+        let idempotency = backend.clone().fencing(false);
+        urls.push(serve(app::router(backend, idempotency, state)).await);
     }
     urls
 }
@@ -225,4 +226,42 @@ async fn an_outage_answers_503_and_recovers() {
     }
     assert_eq!(status, StatusCode::OK, "no recovery after Redis came back");
     assert_eq!(item(&client, &urls[0], "mug").await["sold"], 1);
+}
+
+/// A holder whose lease ran out while its write was on the way: the newer holder's read
+/// already raised the item's fence, so the late write is refused and nothing is oversold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_write_from_a_stale_holder_is_refused() {
+    let server = RedisServer::spawn();
+    let store = app::Store::Redis(pool(&server.url()));
+    assert!(store.put("last", 1, 1).await.unwrap());
+    let sale = |fencing_token, order_id: &str| app::Sale {
+        sku: "last",
+        fencing_token,
+        stock: 1,
+        qty: 1,
+        order_id: order_id.to_owned(),
+        order: "{}".to_owned(),
+    };
+    // Holder 7 reads stock 1, stalls; holder 8 gets the lock and reads stock 1 too.
+    assert_eq!(
+        store.read_for_sale("last", 7).await.unwrap().unwrap().stock,
+        1
+    );
+    assert_eq!(
+        store.read_for_sale("last", 8).await.unwrap().unwrap().stock,
+        1
+    );
+    // 7's write arrives late: refused. 8's goes through. One unit sold, not two.
+    assert!(matches!(
+        store.commit(&sale(7, "late")).await,
+        Err(app::StoreError::Fenced)
+    ));
+    store.commit(&sale(8, "fresh")).await.unwrap();
+    let item = store.get("last").await.unwrap().unwrap();
+    assert_eq!((item.stock, item.sold), (0, 1));
+    assert!(matches!(
+        store.read_for_sale("last", 7).await,
+        Err(app::StoreError::Fenced)
+    ));
 }

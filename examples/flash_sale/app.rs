@@ -36,13 +36,13 @@ pub struct Item {
 }
 
 /// A sale the handler wants to write: the stock it read, minus what was bought.
-struct Sale<'a> {
-    sku: &'a str,
-    fencing_token: u64,
-    stock: u64,
-    qty: u64,
-    order_id: String,
-    order: String,
+pub struct Sale<'a> {
+    pub sku: &'a str,
+    pub fencing_token: u64,
+    pub stock: u64,
+    pub qty: u64,
+    pub order_id: String,
+    pub order: String,
 }
 
 /// Why a write failed.
@@ -69,8 +69,31 @@ pub struct MemoryItem {
     orders: HashMap<String, String>,
 }
 
-/// Writes a sale only if its fencing token is not older than the last one accepted for
-/// the item: a lock holder that stalled past its lease cannot overwrite a newer sale.
+/// Reads an item for a sale under fencing token `ARGV[1]`, and records the token as the
+/// newest seen: from then on, writes by older holders are refused, even ones already on
+/// their way. `{0, stock, sold}`, `{-1}` for a stale token, `{-2}` for an unknown item.
+const READ: &str = r#"
+local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+if tonumber(ARGV[1]) < fence then return {-1} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
+redis.call('HSET', KEYS[1], 'fence', ARGV[1])
+local item = redis.call('HMGET', KEYS[1], 'stock', 'sold')
+return {0, tonumber(item[1]), tonumber(item[2])}
+"#;
+
+/// Sets the stock under fencing token `ARGV[1]`; returns 1 if the item is new, 0 if not,
+/// -1 for a stale token.
+const PUT: &str = r#"
+local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+if tonumber(ARGV[1]) < fence then return -1 end
+local created = 1 - redis.call('EXISTS', KEYS[1])
+redis.call('HSET', KEYS[1], 'stock', ARGV[2], 'sold', 0, 'fence', ARGV[1])
+redis.call('DEL', KEYS[2])
+return created
+"#;
+
+/// Writes a sale only if its fencing token is not older than the newest seen for the item:
+/// a lock holder that stalled past its lease cannot write over a newer holder's read.
 const COMMIT: &str = r#"
 local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
 if tonumber(ARGV[1]) < fence then return -1 end
@@ -93,29 +116,79 @@ fn unavailable(err: impl std::fmt::Display) -> StoreError {
 }
 
 impl Store {
-    /// Sets the stock and zeroes the sold count; `true` when the item is new. The
-    /// fencing high-water mark stays: tokens only grow.
-    pub async fn put(&self, sku: &str, stock: u64) -> Result<bool, StoreError> {
+    /// Sets the stock and zeroes the sold count under the item's lock; `true` when the
+    /// item is new. The fencing high-water mark only grows.
+    pub async fn put(&self, sku: &str, stock: u64, fencing_token: u64) -> Result<bool, StoreError> {
         match self {
             Store::Redis(pool) => {
                 let mut conn = pool.get().await.map_err(unavailable)?;
-                let (existed, ..): (bool, (), ()) = redis::pipe()
-                    .atomic()
-                    .exists(item_key(sku))
-                    .hset_multiple(item_key(sku), &[("stock", stock), ("sold", 0)])
-                    .del(orders_key(sku))
-                    .query_async(&mut conn)
+                let outcome: i64 = redis::Script::new(PUT)
+                    .key(item_key(sku))
+                    .key(orders_key(sku))
+                    .arg(fencing_token)
+                    .arg(stock)
+                    .invoke_async(&mut conn)
                     .await
                     .map_err(unavailable)?;
-                Ok(!existed)
+                if outcome < 0 {
+                    Err(StoreError::Fenced)
+                } else {
+                    Ok(outcome == 1)
+                }
             }
             Store::Memory(items) => {
                 let mut items = items.lock().await;
                 let created = !items.contains_key(sku);
                 let item = items.entry(sku.to_owned()).or_default();
-                (item.stock, item.sold) = (stock, 0);
+                if fencing_token < item.fence {
+                    return Err(StoreError::Fenced);
+                }
+                (item.stock, item.sold, item.fence) = (stock, 0, fencing_token);
                 item.orders.clear();
                 Ok(created)
+            }
+        }
+    }
+
+    /// The item, read for a sale: records `fencing_token` as the newest seen.
+    pub async fn read_for_sale(
+        &self,
+        sku: &str,
+        fencing_token: u64,
+    ) -> Result<Option<Item>, StoreError> {
+        match self {
+            Store::Redis(pool) => {
+                let mut conn = pool.get().await.map_err(unavailable)?;
+                let reply: Vec<i64> = redis::Script::new(READ)
+                    .key(item_key(sku))
+                    .arg(fencing_token)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                match reply.as_slice() {
+                    [0, stock, sold] => Ok(Some(Item {
+                        sku: sku.to_owned(),
+                        stock: stock.unsigned_abs(),
+                        sold: sold.unsigned_abs(),
+                    })),
+                    [-2] => Ok(None),
+                    _ => Err(StoreError::Fenced),
+                }
+            }
+            Store::Memory(items) => {
+                let mut items = items.lock().await;
+                let Some(item) = items.get_mut(sku) else {
+                    return Ok(None);
+                };
+                if fencing_token < item.fence {
+                    return Err(StoreError::Fenced);
+                }
+                item.fence = fencing_token;
+                Ok(Some(Item {
+                    sku: sku.to_owned(),
+                    stock: item.stock,
+                    sold: item.sold,
+                }))
             }
         }
     }
@@ -144,7 +217,7 @@ impl Store {
         }
     }
 
-    async fn commit(&self, sale: &Sale<'_>) -> Result<(), StoreError> {
+    pub async fn commit(&self, sale: &Sale<'_>) -> Result<(), StoreError> {
         let remaining = sale.stock - sale.qty;
         match self {
             Store::Redis(pool) => {
@@ -230,14 +303,25 @@ struct StockBody {
     stock: u64,
 }
 
-async fn put_item(State(state): State<AppState>, Path(sku): Path<String>, body: Bytes) -> Response {
+async fn put_item(
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+    lock: Held,
+    body: Bytes,
+) -> Response {
     let Ok(StockBody { stock }) = serde_json::from_slice(&body) else {
         return problem(
             StatusCode::BAD_REQUEST,
             r#"expected {"stock": N} with N >= 0"#,
         );
     };
-    match state.store.put(&sku, stock).await {
+    let Some(fencing_token) = lock.fencing_token() else {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the lock backend hands out no fencing tokens",
+        );
+    };
+    match state.store.put(&sku, stock, fencing_token).await {
         Ok(true) => (
             StatusCode::CREATED,
             Json(Item {
@@ -294,7 +378,13 @@ async fn buy(
             r#"expected {"user": "...", "qty": q} with q >= 1"#,
         );
     }
-    let item = match state.store.get(&sku).await {
+    let Some(fencing_token) = lock.fencing_token() else {
+        return problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the lock backend hands out no fencing tokens",
+        );
+    };
+    let item = match state.store.read_for_sale(&sku, fencing_token).await {
         Ok(Some(item)) => item,
         Ok(None) => return problem(StatusCode::NOT_FOUND, "no such item"),
         Err(err) => return store_failed(err),
@@ -303,12 +393,6 @@ async fn buy(
         metrics::counter!("flash_sale_sold_out_total").increment(1);
         return problem(StatusCode::GONE, "not enough stock left");
     }
-    let Some(fencing_token) = lock.fencing_token() else {
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the lock backend hands out no fencing tokens",
-        );
-    };
     let order_id = Uuid::new_v4().to_string();
     let order = serde_json::json!({ "order_id": order_id, "user": user, "qty": qty }).to_string();
     let sale = Sale {
@@ -367,26 +451,30 @@ async fn count_answers(request: axum::extract::Request, next: axum::middleware::
     response
 }
 
-/// The service. `backend` must hand out fencing tokens (`.fencing(true)`).
-pub fn router<B>(backend: B, state: AppState) -> Router
+/// The service. `locks` must hand out fencing tokens (`.fencing(true)`); `idempotency`
+/// should not (each idempotency key would leave a fencing counter behind).
+pub fn router<B>(locks: B, idempotency: B, state: AppState) -> Router
 where
     B: LockBackend + ResponseStore,
 {
+    // One layer, so that a restock and the buys of one SKU share a line.
+    let item_lock = LockLayer::new(locks, PathParam::new("sku"))
+        .key_prefix("sku:")
+        .max_wait(Duration::from_millis(500))
+        .ttl(Duration::from_secs(5));
     let buy_route = post(buy).layer(
         ServiceBuilder::new()
             .layer(HandleErrorLayer::new(overloaded))
             .load_shed()
             .concurrency_limit(MAX_CONCURRENT_BUYS)
-            .layer(IdempotencyLayer::new(backend.clone()))
-            .layer(
-                LockLayer::new(backend, PathParam::new("sku"))
-                    .key_prefix("sku:")
-                    .max_wait(Duration::from_millis(500))
-                    .ttl(Duration::from_secs(5)),
-            ),
+            .layer(IdempotencyLayer::new(idempotency))
+            .layer(item_lock.clone()),
     );
     Router::new()
-        .route("/items/{sku}", get(get_item).put(put_item))
+        .route(
+            "/items/{sku}",
+            get(get_item).put(put_item).route_layer(item_lock),
+        )
         .route("/items/{sku}/buy", buy_route)
         .route("/metrics", get(metrics_text))
         .layer(axum::middleware::from_fn(count_answers))

@@ -57,23 +57,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let router = match connect(&url).await {
         Ok((backend, pool)) => {
             println!("selling from Redis at {url}");
-            app::router(
-                backend,
-                app::AppState {
-                    store: app::Store::Redis(pool),
-                    metrics,
-                },
-            )
+            let idempotency = backend.clone().fencing(false);
+            let state = app::AppState {
+                store: app::Store::Redis(pool),
+                metrics,
+            };
+            app::router(backend, idempotency, state)
         }
         Err(err) => {
             println!(
                 "Redis at {url} is unreachable ({err}): selling from memory, locks in-process"
             );
             let store = app::Store::Memory(Default::default());
-            app::router(
-                InMemoryBackend::new().fencing(true),
-                app::AppState { store, metrics },
-            )
+            let backend = InMemoryBackend::new();
+            let state = app::AppState { store, metrics };
+            app::router(backend.clone().fencing(true), backend, state)
         }
     };
     let listener = tokio::net::TcpListener::bind(&addr).await?;

@@ -12,7 +12,10 @@ use uuid::Uuid;
 
 use super::{Acquire, BackendError, LockBackend, Released};
 use crate::LockKey;
-use crate::idempotency::{ResponseStore, StoredResponse};
+use crate::{
+    guard::saturating_add,
+    idempotency::{ResponseStore, StoredResponse},
+};
 
 /// A backend that keeps locks in this process, with the same semantics as Redis: owner
 /// tokens, leases that expire, compare-and-delete release.
@@ -77,7 +80,7 @@ impl InMemoryBackend {
         let now = Instant::now();
         let lease = Lease {
             token,
-            expires_at: now + ttl,
+            expires_at: saturating_add(now, ttl),
         };
         self.with_locks(|locks| {
             match locks.held.get(key) {
@@ -128,7 +131,7 @@ impl InMemoryBackend {
         let now = Instant::now();
         self.with_locks(|locks| match locks.held.get_mut(key) {
             Some(lease) if lease.token == token && lease.expires_at > now => {
-                lease.expires_at = now + ttl;
+                lease.expires_at = saturating_add(now, ttl);
                 true
             }
             _ => false,
@@ -191,7 +194,7 @@ impl ResponseStore for InMemoryBackend {
                     .retain(|_, (_, expires_at)| *expires_at > now);
                 locks.responses_swept_at = locks.responses.len();
             }
-            let expires_at = crate::guard::saturating_add(now, ttl);
+            let expires_at = saturating_add(now, ttl);
             locks
                 .responses
                 .insert(key.clone(), (response.clone(), expires_at));

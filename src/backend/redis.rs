@@ -203,6 +203,11 @@ impl RedisBackend {
         redis_key
     }
 
+    /// Drops the shared connection: the next operation takes a fresh one.
+    pub(crate) fn reset_connection(&self) {
+        self.connection.reset();
+    }
+
     /// `script` with the lock key as `KEYS[1]` and the token as `ARGV[1]`.
     fn invocation(
         &self,

@@ -36,6 +36,9 @@ const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
 /// node restarted *empty* during a hold lowers the holder's majority by one; with N = 3,
 /// one such restart plus another node failing can let a second holder in. Run nodes with
 /// persistence, or keep them down for a ttl after a crash.
+///
+/// A node that did not answer an acquisition in time may still run it later and hold the
+/// key for our token until its lease ends; it is a minority, so this blocks nobody.
 #[derive(Clone)]
 pub struct RedlockBackend {
     nodes: Arc<[RedisBackend]>,
@@ -86,7 +89,12 @@ impl RedlockBackend {
             async move {
                 tokio::time::timeout(timeout, call)
                     .await
-                    .unwrap_or(Err(BackendError::Timeout(timeout)))
+                    .unwrap_or_else(|_| {
+                        // Cut short before the node's own timeout could drop its connection:
+                        // drop it here, or a black-holed connection would be reused.
+                        node.reset_connection();
+                        Err(BackendError::Timeout(timeout))
+                    })
             }
         }))
         .await
@@ -118,17 +126,6 @@ impl LockBackend for RedlockBackend {
         // stays behind to block the next attempt.
         if granted > 0 {
             let _ = self.release(key, token).await;
-        }
-        // A node that did not answer may still run the attempt late (a stalled
-        // connection): release there once more, after it could have.
-        for (node, answer) in self.nodes.iter().zip(&answers) {
-            if answer.is_err() && tokio::runtime::Handle::try_current().is_ok() {
-                let (node, key, delay) = (node.clone(), key.clone(), self.node_timeout);
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = node.release(&key, token).await;
-                });
-            }
         }
         let answered = answers.iter().filter(|answer| answer.is_ok()).count();
         if answered < self.quorum() {
