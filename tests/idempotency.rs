@@ -150,6 +150,54 @@ where
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
+/// The client hangs up while the first request runs: the work still finishes and its
+/// answer is kept, so the retry gets it instead of running the work again.
+async fn a_client_that_hangs_up_still_gets_its_answer_kept<H: Harness>(harness: &H)
+where
+    H::Backend: ResponseStore,
+{
+    let runs = Arc::new(AtomicUsize::new(0));
+    let urls = instances(harness, &runs).await;
+    let client = Client::new();
+    let hung_up = client
+        .post(format!("{}/charge?slow", urls[0]))
+        .header("x-user", "ann")
+        .header("idempotency-key", "k4")
+        .body("3 EUR")
+        .timeout(Duration::from_millis(150))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the client should have given up");
+    tokio::time::sleep(Duration::from_millis(900)).await; // the work finishes meanwhile
+    let retry = send(&client, &urls[1], "slow", Some("k4"), "ann", "3 EUR").await;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the retry ran the work again"
+    );
+}
+
+/// Principal and key are kept apart: ("a b", "c") and ("a", "b c") are two keys.
+async fn principal_and_key_cannot_spell_each_other<H: Harness>(harness: &H)
+where
+    H::Backend: ResponseStore,
+{
+    let runs = Arc::new(AtomicUsize::new(0));
+    let urls = instances(harness, &runs).await;
+    let client = Client::new();
+    let first = send(&client, &urls[0], "", Some("c"), "a b", "1 EUR").await;
+    let second = send(&client, &urls[0], "", Some("b c"), "a", "1 EUR").await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(second.status(), StatusCode::CREATED);
+    assert!(
+        second.headers().get("idempotent-replayed").is_none(),
+        "one client replayed another's answer"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
 macro_rules! idempotency_tests {
     ($backend:ident, $harness:expr) => {
         mod $backend {
@@ -168,6 +216,16 @@ macro_rules! idempotency_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn server_errors_are_not_kept() {
                 super::server_errors_are_not_kept(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_client_that_hangs_up_still_gets_its_answer_kept() {
+                super::a_client_that_hangs_up_still_gets_its_answer_kept(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn principal_and_key_cannot_spell_each_other() {
+                super::principal_and_key_cannot_spell_each_other(&$harness).await;
             }
         }
     };

@@ -12,7 +12,7 @@ use std::{
 };
 
 use axum::{
-    body::Body,
+    body::{Body, HttpBody},
     extract::MatchedPath,
     response::{IntoResponse, Response},
 };
@@ -69,7 +69,15 @@ struct Config {
 /// while its request runs; the kept answer (status, chosen headers, body up to
 /// `max_stored_body`) sits beside that lock, in the same Cluster hash slot.
 ///
+/// Once its key's lock is taken, a request runs to the end in a task of its own, and its
+/// answer is kept even if the client hangs up meanwhile: the retry finds it. If the answer
+/// cannot be kept (the store fails), the key stays locked until its lease ends, so quick
+/// retries get 409 rather than run the work twice. Answers whose body size is not known
+/// to fit `max_stored_body` (streams, large bodies) go out unkept.
+///
 /// Works on axum's `Body`; put it on the routes that need it, outside their `LockLayer`.
+/// Give it a backend with fencing off: a fencing counter would be left behind for every
+/// idempotency key.
 ///
 /// # Example
 ///
@@ -274,12 +282,12 @@ fn bad_request(status: StatusCode, detail: &str) -> Response {
 
 impl<S, B> Once<S, B>
 where
-    S: Service<Request<Body>, Response = Response, Error = Infallible>,
+    S: Service<Request<Body>, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send,
     B: LockBackend + ResponseStore,
 {
     async fn run(self, request: Request<Body>) -> Response {
         let Once { mut inner, shared } = self;
-        let shared = &shared;
         let (parts, body) = request.into_parts();
         let key = match idempotency_key(&parts, &shared.config.header) {
             Ok(Some(key)) => key,
@@ -301,17 +309,16 @@ where
                 }
             },
         };
-        let Ok(body) = axum::body::to_bytes(body, shared.config.max_request_body).await else {
-            let detail = format!("the body is over {} bytes", shared.config.max_request_body);
-            return bad_request(StatusCode::PAYLOAD_TOO_LARGE, &detail);
+        let body = match read_body(&parts, body, shared.config.max_request_body).await {
+            Ok(body) => body,
+            Err(refusal) => return refusal,
         };
         let fingerprint = fingerprint(&parts, &body);
         let scope = parts.extensions.get::<MatchedPath>().map_or_else(
             || parts.uri.path().to_owned(),
             |path| path.as_str().to_owned(),
         );
-        // One name for the key's lock and its kept answer: the same hash slot.
-        let record = LockKey::from(format!("idem:{scope} {principal} {key}"));
+        let record = record_key(&scope, &principal, &key);
 
         // A finished first request answers retries without any lock.
         match shared.replay(&record, &fingerprint).await {
@@ -333,10 +340,32 @@ where
             Ok(None) => {}
             Err(unavailable) => return unavailable,
         }
-        let response = call(&mut inner, Request::from_parts(parts, Body::from(body))).await;
-        let response = shared.keep(&record, fingerprint, response).await;
-        lock.release().await;
-        response
+        // From here on the work runs to the end and its answer is kept even if the client
+        // hangs up: a retry must find it, not run the work again.
+        let request = Request::from_parts(parts, Body::from(body));
+        let work = tokio::spawn(async move {
+            let response = call(&mut inner, request).await;
+            let (response, kept) = shared.keep(&record, fingerprint, response).await;
+            if kept {
+                lock.release().await;
+            } else {
+                // Not stored: hold the key until the lease ends, so that quick retries get
+                // 409 rather than run the work a second time.
+                lock.abandon();
+            }
+            response
+        });
+        match work.await {
+            Ok(response) => response,
+            // The handler panicked: let it unwind here, where the stack expects it.
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            Err(_) => problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+                None,
+            )
+            .map(Body::from),
+        }
     }
 }
 
@@ -379,51 +408,60 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
         Ok(Some(response))
     }
 
-    /// Keeps `response` for replay when it is final and small enough; returns it.
-    async fn keep(&self, record: &LockKey, fingerprint: String, response: Response) -> Response {
+    /// Keeps `response` for replay when it is final and its body is known to be small
+    /// enough; returns it, and whether all went as intended (false: it should have been
+    /// kept and could not be).
+    async fn keep(
+        &self,
+        record: &LockKey,
+        fingerprint: String,
+        response: Response,
+    ) -> (Response, bool) {
         let status = response.status();
         let transient =
             status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 423 | 425 | 429);
-        if transient {
-            return response;
+        let max = self.config.max_stored_body;
+        let small = response
+            .body()
+            .size_hint()
+            .upper()
+            .is_some_and(|upper| upper <= max as u64);
+        if transient || !small {
+            // A streamed or large body goes out as it is, unkept: a retry runs again.
+            return (response, true);
         }
         let (parts, body) = response.into_parts();
-        let body = match axum::body::to_bytes(body, usize::MAX).await {
-            Ok(body) => body,
+        let Ok(body) = axum::body::to_bytes(body, max).await else {
+            let failed = problem(StatusCode::BAD_GATEWAY, "the response body failed", None);
+            return (failed.map(Body::from), true);
+        };
+        let headers = self
+            .config
+            .kept_headers
+            .iter()
+            .flat_map(|name| {
+                parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(move |value| (name, value))
+            })
+            .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_owned())))
+            .collect();
+        let stored = StoredResponse {
+            fingerprint,
+            status: status.as_u16(),
+            headers,
+            body: body.clone(),
+        };
+        let kept = match self.backend.store(record, &stored, self.config.ttl).await {
+            Ok(()) => true,
             Err(err) => {
-                tracing::warn!(error = %err, "response body failed; not kept");
-                return Response::from_parts(parts, Body::empty());
+                tracing::error!(error = %err, key = %record, "idempotent response could not be kept");
+                false
             }
         };
-        if body.len() <= self.config.max_stored_body {
-            let headers = self
-                .config
-                .kept_headers
-                .iter()
-                .flat_map(|name| {
-                    parts
-                        .headers
-                        .get_all(name)
-                        .iter()
-                        .map(move |value| (name, value))
-                })
-                .filter_map(|(name, value)| {
-                    Some((name.to_string(), value.to_str().ok()?.to_owned()))
-                })
-                .collect();
-            let status = status.as_u16();
-            let stored = StoredResponse {
-                fingerprint,
-                status,
-                headers,
-                body: body.clone(),
-            };
-            if let Err(err) = self.backend.store(record, &stored, self.config.ttl).await {
-                // The work is done; a retry will run it again, so say so loudly.
-                tracing::error!(error = %err, key = %record, "idempotent response could not be kept");
-            }
-        }
-        Response::from_parts(parts, Body::from(body))
+        (Response::from_parts(parts, Body::from(body)), kept)
     }
 }
 
@@ -435,6 +473,46 @@ where
         Ok(response) => response,
         Err(never) => match never {},
     }
+}
+
+/// Reads the request body, at most `max` bytes: 413 beyond, 400 if it fails.
+async fn read_body(parts: &Parts, body: Body, max: usize) -> Result<Bytes, Response> {
+    let too_large = || {
+        let detail = format!("the body is over {max} bytes");
+        bad_request(StatusCode::PAYLOAD_TOO_LARGE, &detail)
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, max).await.map_err(|err| {
+        let over = std::error::Error::source(&err)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if over {
+            too_large()
+        } else {
+            bad_request(StatusCode::BAD_REQUEST, "the body could not be read")
+        }
+    })
+}
+
+/// The name of a key's lock and kept answer: a hash of route, principal and key, so that
+/// no combination of them can spell another's, and braces in a route (`/items/{sku}`) do
+/// not pick the Cluster hash slot for every key of the route.
+fn record_key(scope: &str, principal: &str, key: &str) -> LockKey {
+    let mut hash = Sha256::new();
+    for part in [scope, principal, key] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    LockKey::from(format!("idem:{}", hex(&hash.finalize())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// The key from `header`: 1 to 255 visible characters, optionally quoted (the draft's
