@@ -299,11 +299,9 @@ fn store_failed(err: StoreError) -> Response {
 }
 
 /// Every write to an item is fenced; a backend without tokens is a wiring mistake.
-fn fencing_token(lock: &Held) -> Result<u64, Response> {
-    lock.fencing_token().ok_or_else(|| {
-        let detail = "the lock backend hands out no fencing tokens";
-        problem(StatusCode::INTERNAL_SERVER_ERROR, detail)
-    })
+fn no_fencing_tokens() -> Response {
+    let detail = "the lock backend hands out no fencing tokens";
+    problem(StatusCode::INTERNAL_SERVER_ERROR, detail)
 }
 
 #[derive(Deserialize)]
@@ -323,9 +321,8 @@ async fn put_item(
             r#"expected {"stock": N} with N >= 0"#,
         );
     };
-    let fencing_token = match fencing_token(&lock) {
-        Ok(token) => token,
-        Err(misconfigured) => return misconfigured,
+    let Some(fencing_token) = lock.fencing_token() else {
+        return no_fencing_tokens();
     };
     match state.store.put(&sku, stock, fencing_token).await {
         Ok(true) => (
@@ -384,9 +381,8 @@ async fn buy(
             r#"expected {"user": "...", "qty": q} with q >= 1"#,
         );
     }
-    let fencing_token = match fencing_token(&lock) {
-        Ok(token) => token,
-        Err(misconfigured) => return misconfigured,
+    let Some(fencing_token) = lock.fencing_token() else {
+        return no_fencing_tokens();
     };
     let item = match state.store.read_for_sale(&sku, fencing_token).await {
         Ok(Some(item)) => item,
