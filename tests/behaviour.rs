@@ -628,10 +628,10 @@ async fn locker_in_a_handler<H: Harness>(harness: &H) {
         "the dropped request kept its lock"
     );
 
-    // Not reentrant, and says so at once instead of waiting for itself.
+    // Not reentrant, and says so at once: waiting for itself would end in 409 after
+    // max_wait, not in this 500.
     let response = client.post(format!("{url}/twice")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let started = Instant::now();
     let response = client
         .post(format!("{url}/under-layer/7"))
         .send()
@@ -639,10 +639,6 @@ async fn locker_in_a_handler<H: Harness>(harness: &H) {
         .unwrap();
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert!(response.text().await.unwrap().contains("not reentrant"));
-    assert!(
-        started.elapsed() < Duration::from_millis(300),
-        "it waited for itself"
-    );
     assert!(eventually(Duration::from_secs(5), || harness.held_locks() == 0).await);
 }
 

@@ -76,7 +76,7 @@ async fn a_release_wakes_a_waiter_of_another_instance() {
     let (acquired_at, _) = waiting.await.unwrap();
     let woke_after = acquired_at.saturating_duration_since(released_at);
     assert!(
-        woke_after < Duration::from_millis(500),
+        woke_after < Duration::from_secs(2), // the backoff alone would take up to 10 s
         "woke {woke_after:?} after the release"
     );
 }
