@@ -102,7 +102,8 @@ pub(crate) async fn acquire<B: LockBackend>(
 ///
 /// Backend errors are retried like contention while time remains: a dropped connection
 /// or a lost reply is often over by the next attempt, and a retry with the same token
-/// recognises an attempt of ours that did land.
+/// recognises an attempt of ours that did land. Backends that undo a failed attempt
+/// themselves (Redlock) get a fresh token for each attempt instead.
 async fn from_backend<B: LockBackend>(
     mut guard: LockGuard<B>,
     policy: WaitPolicy,
@@ -156,6 +157,10 @@ async fn from_backend<B: LockBackend>(
             // The lock is free by the end of the holder's lease at the latest.
             pause = pause.min(remaining + Duration::from_millis(1));
         }
+        if !guard.backend().retry_with_same_token() {
+            guard.new_token();
+            in_doubt = false;
+        }
         let (backend, key) = (guard.backend(), guard.key());
         backend.wait_for_release(key, epoch, pause).await;
         attempt = attempt.saturating_add(1);
@@ -206,6 +211,9 @@ async fn take_over<B: LockBackend>(
         Err(err) => {
             tracing::debug!(key = %guard.key(), error = %err, "taking over a handed-off lock failed");
             guard.keep_from_hand_off();
+            if !guard.backend().retry_with_same_token() {
+                guard.new_token();
+            }
             from_backend(guard, policy, deadline, None).await
         }
     }

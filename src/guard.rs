@@ -244,6 +244,14 @@ impl<B: LockBackend> LockGuard<B> {
         self.armed = false;
     }
 
+    /// Takes a fresh token for the next attempt, for a backend that already undid the
+    /// last one (see [`LockBackend::retry_with_same_token`]). The old token is never sent
+    /// again, so a release of it that lands late deletes nothing of ours.
+    pub(crate) fn new_token(&mut self) {
+        self.token = Uuid::new_v4();
+        self.armed = false;
+    }
+
     pub(crate) fn backend(&self) -> &B {
         &self.backend
     }

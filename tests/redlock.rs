@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::cmd;
 use http::StatusCode;
-use support::{Counter, Harness, Redlock, app, serve};
-use tower_redis_lock::{Acquire, BackendError, LockBackend, LockKey};
+use support::{Counter, Harness, Redlock, app, pool, proxy::Proxy, redis_node, serve};
+use tower_redis_lock::{
+    Acquire, BackendError, LockBackend, LockKey, Locker, RedisBackend, RedlockBackend,
+};
 use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -167,4 +169,111 @@ async fn a_node_restarted_empty_does_not_let_a_second_holder_in() {
         second.try_acquire(&key, intruder, TTL).await.unwrap(),
         Acquire::Acquired { .. }
     ));
+}
+
+/// Node 0 reached through the tests' proxy (no notifications), the others directly.
+async fn behind_a_proxy(redlock: &Redlock) -> (Proxy, RedlockBackend) {
+    let proxy = Proxy::start(redlock.servers[0].port()).await;
+    let slow = RedisBackend::new(pool(&proxy.url())).command_timeout(Duration::from_secs(5));
+    let mut nodes = vec![slow];
+    nodes.extend(redlock.servers[1..].iter().map(redis_node));
+    let backend = RedlockBackend::new(nodes).node_timeout(Duration::from_millis(300));
+    // Load the scripts and open the connections first: a fault must meet the script
+    // itself, not a `NOSCRIPT` round or the connection's handshake.
+    let (warm_up, token) = (LockKey::from("warm-up"), Uuid::new_v4());
+    backend.try_acquire(&warm_up, token, TTL).await.unwrap();
+    backend.release(&warm_up, token).await.unwrap();
+    (proxy, backend)
+}
+
+/// The value of the lock key on `node` (the owner's token), if any.
+fn owner_on(redlock: &Redlock, node: usize, key: &str) -> Option<String> {
+    redlock.servers[node].query(cmd("GET").arg(key))
+}
+
+/// Issue 11, finding 1. Nodes X (behind the proxy), Y, Z; Z is held by someone else. The
+/// first attempt takes Y, X's reply is late (its `SET` did run), so the attempt fails and
+/// releases everywhere; the release to X is held back by the network and lands later.
+/// Whatever the next attempts do, that late release must not delete a later grant on X:
+/// once Z's holder leaves, a third client must still find the lock held by a majority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_release_of_a_failed_attempt_cannot_delete_a_later_grant() {
+    let redlock = Redlock::spawn(3);
+    let (proxy, backend) = behind_a_proxy(&redlock).await;
+    let key = LockKey::from("order:late");
+    let z = redis_node(&redlock.servers[2]);
+    let other = Uuid::new_v4();
+    assert!(matches!(
+        z.try_acquire(&key, other, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    // The acquire script names the fence key; the release script the release channel.
+    proxy.delay_reply_to_request_containing(":fence", Duration::from_secs(1));
+    proxy.delay_request_containing(":released", Duration::from_secs(1));
+
+    let locker = Locker::new(backend)
+        .without_local_queue()
+        .ttl(Duration::from_secs(30))
+        .max_wait(Duration::from_secs(10));
+    let lock = locker
+        .lock(key.clone())
+        .await
+        .expect("a majority in the end");
+    // Let the held-back release land on X.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let ours = lock.token().to_string();
+    let redis_key = "lock:{order:late}";
+    assert_eq!(
+        owner_on(&redlock, 0, redis_key).as_deref(),
+        Some(ours.as_str()),
+        "a late release of an earlier attempt deleted our grant on X"
+    );
+    assert!(z.release(&key, other).await.unwrap().was_held);
+    let third = RedlockBackend::new(redlock.servers.iter().map(redis_node).collect())
+        .node_timeout(Duration::from_millis(300));
+    let answer = third
+        .try_acquire(&key, Uuid::new_v4(), Duration::from_secs(30))
+        .await;
+    assert!(
+        matches!(answer, Ok(Acquire::Held { .. })),
+        "two holders at once: {answer:?}"
+    );
+    assert!(!lock.is_lost());
+    lock.release().await;
+}
+
+/// Issue 11, finding 1 (second part). X runs our `SET` but its reply comes too late; Y and
+/// Z are held by someone else. The failed attempt must release on X too, or X keeps an
+/// orphan grant for a whole ttl.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_timed_out_keeps_no_orphan_grant() {
+    let redlock = Redlock::spawn(3);
+    let (proxy, backend) = behind_a_proxy(&redlock).await;
+    let key = LockKey::from("order:orphan");
+    let other = Uuid::new_v4();
+    for node in [1, 2] {
+        let direct = redis_node(&redlock.servers[node]);
+        assert!(matches!(
+            direct
+                .try_acquire(&key, other, Duration::from_secs(30))
+                .await
+                .unwrap(),
+            Acquire::Acquired { .. }
+        ));
+    }
+    proxy.delay_reply_to_request_containing(":fence", Duration::from_secs(1));
+    let answer = backend
+        .try_acquire(&key, Uuid::new_v4(), Duration::from_secs(30))
+        .await;
+    assert!(matches!(answer, Ok(Acquire::Held { .. })), "{answer:?}");
+    // The late reply arrives; nothing of ours may be left on X.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        owner_on(&redlock, 0, "lock:{order:orphan}"),
+        None,
+        "X kept an orphan grant of the failed attempt"
+    );
 }

@@ -111,6 +111,17 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
+    /// Whether an attempt that did not take the lock may be retried with the same token
+    /// (the default, `true`). A retry with the same token recognises an earlier attempt of
+    /// its own that did land although its reply was lost.
+    ///
+    /// A backend that undoes a failed attempt itself by releasing it (Redlock) returns
+    /// `false`: such a release may reach a slow node late, and must then find a different
+    /// token there, so every attempt gets a fresh one.
+    fn retry_with_same_token(&self) -> bool {
+        true
+    }
+
     /// A count of the releases of `key` this backend has heard of, read before each
     /// attempt and handed to [`wait_for_release`](Self::wait_for_release), so that a
     /// release heard between a failed attempt and the wait is not slept through. The

@@ -17,8 +17,10 @@ const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
 ///
 /// An acquisition asks every node at once, each bounded by the node timeout, and holds
 /// the lock when a majority (N/2 + 1) granted it and time is left of the lease: validity
-/// = ttl − elapsed − drift, drift = ttl · 1 % + 2 ms. Otherwise it releases on every node,
-/// so no partial lock stays behind, and the layer's backoff tries again. Release and
+/// = ttl − elapsed − drift, drift = ttl · 1 % + 2 ms. Otherwise it releases on every node
+/// that granted it or did not answer, so no partial lock stays behind, and the layer's
+/// backoff tries again with a fresh token (a late release of the failed attempt then
+/// finds nothing of the new one to delete). Release and
 /// extend go to every node; an extension needs a majority too.
 ///
 /// Each node is a [`RedisBackend`] with its own pool, prefix and command timeout; the
@@ -37,8 +39,10 @@ const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
 /// one such restart plus another node failing can let a second holder in. Run nodes with
 /// persistence, or keep them down for a ttl after a crash.
 ///
-/// A node that did not answer an acquisition in time may still run it later and hold the
-/// key for our token until its lease ends; it is a minority, so this blocks nobody.
+/// A node that did not answer an acquisition in time, and whose release then did not get
+/// through either, may still run the acquisition later and hold the key for the failed
+/// attempt's token until its lease ends; that token is never used again, and the node is
+/// a minority of that attempt.
 #[derive(Clone)]
 pub struct RedlockBackend {
     nodes: Arc<[RedisBackend]>,
@@ -83,8 +87,21 @@ impl RedlockBackend {
         F: Fn(&'a RedisBackend) -> Fut,
         Fut: Future<Output = Result<T, BackendError>> + 'a,
     {
+        self.on_nodes(self.nodes.iter(), op).await
+    }
+
+    /// Runs `op` on `nodes` at once, each bounded by the node timeout.
+    async fn on_nodes<'a, T, F, Fut>(
+        &'a self,
+        nodes: impl Iterator<Item = &'a RedisBackend>,
+        op: F,
+    ) -> Vec<Result<T, BackendError>>
+    where
+        F: Fn(&'a RedisBackend) -> Fut,
+        Fut: Future<Output = Result<T, BackendError>> + 'a,
+    {
         let timeout = self.node_timeout;
-        join_all(self.nodes.iter().map(|node| {
+        join_all(nodes.map(|node| {
             let call = op(node);
             async move {
                 tokio::time::timeout(timeout, call)
@@ -122,11 +139,19 @@ impl LockBackend for RedlockBackend {
                 fencing_token: None,
             });
         }
-        // No majority (or no time left): undo what was granted, so that nothing partial
-        // stays behind to block the next attempt.
-        if granted > 0 {
-            let _ = self.release(key, token).await;
-        }
+        // No majority (or no time left): undo the attempt wherever it may have landed,
+        // on the nodes that granted it and on those that did not answer (they may have
+        // run it), so that nothing partial stays behind to block the next attempt. Only
+        // a node that said "held by another" certainly holds nothing of ours. The layer
+        // retries with a fresh token (`retry_with_same_token`), so a release of this one
+        // that lands late cannot delete a later grant.
+        let undo = self
+            .nodes
+            .iter()
+            .zip(&answers)
+            .filter(|(_, answer)| !matches!(answer, Ok(Acquire::Held { .. })))
+            .map(|(node, _)| node);
+        let _ = self.on_nodes(undo, |node| node.release(key, token)).await;
         let answered = answers.iter().filter(|answer| answer.is_ok()).count();
         if answered < self.quorum() {
             let last_error = answers.into_iter().filter_map(Result::err).last();
@@ -192,6 +217,13 @@ impl LockBackend for RedlockBackend {
                     BackendError::Unavailable("no majority of Redlock nodes answered".into())
                 }))
         }
+    }
+
+    /// A failed attempt is released on every node, and such a release may land late on a
+    /// node whose network is slow: a retry with the same token could then lose its grant
+    /// there without knowing. Every attempt gets a fresh token instead.
+    fn retry_with_same_token(&self) -> bool {
+        false
     }
 
     fn release_epoch(&self, key: &LockKey) -> u64 {

@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -21,6 +21,36 @@ struct Faults {
     /// Forward the next request, let the server run it, then cut the connection before
     /// the reply gets through.
     drop_next_reply: AtomicBool,
+    /// One-shot delays triggered by what a request contains.
+    rules: Mutex<Vec<Rule>>,
+}
+
+/// Holds back, once, the first request whose bytes contain `pattern` (`Request`) or the
+/// replies that follow it on its connection (`Reply`).
+struct Rule {
+    pattern: Vec<u8>,
+    delay: Duration,
+    target: Target,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Request,
+    Reply,
+}
+
+impl Faults {
+    /// The delay of the first unspent rule for `target` that `chunk` matches, spending it.
+    fn take_rule(&self, target: Target, chunk: &[u8]) -> Option<Duration> {
+        let mut rules = self.rules.lock().unwrap();
+        let index = rules.iter().position(|rule| {
+            rule.target == target
+                && chunk
+                    .windows(rule.pattern.len())
+                    .any(|window| window == rule.pattern)
+        })?;
+        Some(rules.remove(index).delay)
+    }
 }
 
 /// A proxy on a free loopback port in front of `127.0.0.1:<target>`.
@@ -58,6 +88,26 @@ impl Proxy {
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// The first request from now on that contains `pattern` reaches the server `delay`
+    /// late (it runs then; what follows it on its connection waits behind it).
+    pub fn delay_request_containing(&self, pattern: &str, delay: Duration) {
+        self.add_rule(pattern, delay, Target::Request);
+    }
+
+    /// The first request from now on that contains `pattern` runs at once, but the replies
+    /// after it on its connection reach the client `delay` late.
+    pub fn delay_reply_to_request_containing(&self, pattern: &str, delay: Duration) {
+        self.add_rule(pattern, delay, Target::Reply);
+    }
+
+    fn add_rule(&self, pattern: &str, delay: Duration, target: Target) {
+        self.faults.rules.lock().unwrap().push(Rule {
+            pattern: pattern.as_bytes().to_vec(),
+            delay,
+            target,
+        });
+    }
+
     /// The next request reaches the server, its reply never reaches the client.
     pub fn drop_next_reply(&self) {
         self.faults.drop_next_reply.store(true, Ordering::SeqCst);
@@ -68,15 +118,26 @@ async fn relay(client: TcpStream, server: TcpStream, faults: Arc<Faults>) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let cut = Arc::new(AtomicBool::new(false));
+    // A reply delay armed by a rule, in ms (taken by the next reply chunk).
+    let reply_rule_ms = Arc::new(AtomicU64::new(0));
     let upstream = {
-        let (faults, cut) = (faults.clone(), cut.clone());
+        let (faults, cut, reply_rule_ms) = (faults.clone(), cut.clone(), reply_rule_ms.clone());
         async move {
             let mut buffer = vec![0u8; 64 * 1024];
             loop {
                 let Ok(n) = client_read.read(&mut buffer).await else {
                     return;
                 };
-                if n == 0 || server_write.write_all(&buffer[..n]).await.is_err() {
+                if n == 0 {
+                    return;
+                }
+                if let Some(delay) = faults.take_rule(Target::Request, &buffer[..n]) {
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(delay) = faults.take_rule(Target::Reply, &buffer[..n]) {
+                    reply_rule_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
+                }
+                if server_write.write_all(&buffer[..n]).await.is_err() {
                     return;
                 }
                 if faults.drop_next_reply.swap(false, Ordering::SeqCst) {
@@ -96,7 +157,10 @@ async fn relay(client: TcpStream, server: TcpStream, faults: Arc<Faults>) {
             if n == 0 || cut.load(Ordering::SeqCst) {
                 return;
             }
-            let delay = faults.reply_delay_ms.load(Ordering::SeqCst);
+            let delay = faults
+                .reply_delay_ms
+                .load(Ordering::SeqCst)
+                .max(reply_rule_ms.swap(0, Ordering::SeqCst));
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
