@@ -60,6 +60,10 @@ pub enum LossPolicy {
     /// Drop the handler's future at once (it runs no further than its current `.await`)
     /// and answer 503 with a problem body saying the lock was lost. The default: work
     /// that needed the lock does not go on without it.
+    ///
+    /// A handler that blocks its thread past the lease cannot be stopped mid-way; its
+    /// answer is replaced by the 503 when it finishes (the loss is found from the lease
+    /// deadline or the release's answer), but what it did meanwhile was unprotected.
     #[default]
     Abort,
     /// Let the handler run on; it learns of the loss through

@@ -15,12 +15,12 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::{
-    LockBackend,
+    Held, LockBackend,
     acquire::{AcquireError, Acquired},
     config::{FailMode, LockConfig, LossPolicy},
-    guard::LockGuard,
+    guard::{LockGuard, ReleaseOutcome},
     observe::{self, Outcome},
-    watchdog::Watchdog,
+    watchdog::{Watchdog, loss_on_release, note_loss},
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -61,13 +61,19 @@ pin_project! {
             #[pin]
             future: S::Future,
             guard: Option<LockGuard<B>>,
+            // `None` once it reported the loss (under `Signal`, the handler goes on).
             watchdog: Option<Watchdog<B>>,
+            held: Held,
             acquired_at: Instant,
         },
-        // The response is ready; the release is awaited (bounded) before it goes out.
+        // The response is ready; the release is awaited (bounded) before it goes out, and
+        // its answer says whether the lock was still ours.
         Releasing {
-            release: BoxFuture<()>,
+            release: BoxFuture<ReleaseOutcome>,
             output: Option<Result<S::Response, S::Error>>,
+            held: Held,
+            // The lease deadline had passed when the handler finished.
+            ran_out: bool,
         },
         // No lock needed (no key with pass-through, or fail-open).
         Unlocked {
@@ -166,12 +172,13 @@ where
                                 this.config.wait.ttl,
                                 this.config.renew_every(),
                             ));
-                            request.extensions_mut().insert(held);
+                            request.extensions_mut().insert(held.clone());
                             let future = service.call(request);
                             State::Calling {
                                 future,
                                 guard: Some(guard),
                                 watchdog,
+                                held,
                                 acquired_at,
                             }
                         }
@@ -197,6 +204,7 @@ where
                     future,
                     guard,
                     watchdog,
+                    held,
                     acquired_at,
                 } => {
                     // The lease first: a handler is not polled on past a lost lock.
@@ -215,17 +223,42 @@ where
                         // `Signal`: the handler was told through `Held`; it decides.
                     }
                     let output = ready!(future.poll(cx));
+                    // A handler that blocked its thread past the lease and finished in
+                    // the same poll got past the watchdog: look at the deadline now.
+                    let ran_out = held.is_lost();
                     observe::held(&this.config.class, acquired_at.elapsed());
                     let guard = guard.take().expect("polled after completion");
                     let release = Box::pin(guard.release(this.config.release_timeout));
+                    let held = held.clone();
                     this.state.set(State::Releasing {
                         release,
                         output: Some(output),
+                        held,
+                        ran_out,
                     });
                 }
-                StateProj::Releasing { release, output } => {
-                    ready!(release.as_mut().poll(cx));
-                    return Poll::Ready(output.take().expect("polled after completion"));
+                StateProj::Releasing {
+                    release,
+                    output,
+                    held,
+                    ran_out,
+                } => {
+                    let outcome = ready!(release.as_mut().poll(cx));
+                    let output = output.take().expect("polled after completion");
+                    // A loss the watchdog reported was handled in `Calling`; this one was
+                    // found only now, after the handler answered.
+                    if let Some(loss) = loss_on_release(outcome, *ran_out)
+                        && note_loss(held, &this.config.class, loss)
+                    {
+                        this.span.record("outcome", Outcome::Lost.as_str());
+                        if this.config.loss_policy == LossPolicy::Abort {
+                            // The handler's answer is dropped: it was made without the lock.
+                            drop(output);
+                            let rejection = this.config.loss(loss);
+                            return Poll::Ready(Ok(this.config.respond(&rejection)));
+                        }
+                    }
+                    return Poll::Ready(output);
                 }
                 StateProj::Unlocked { future } => return future.poll(cx),
                 StateProj::Rejected { response } => {

@@ -91,9 +91,10 @@ impl Held {
         self.inner.deadline_nanos.store(nanos, Ordering::Release);
     }
 
-    /// Records that the lock is lost and wakes every [`lost`](Self::lost) future.
-    pub(crate) fn mark_lost(&self) {
-        self.inner.lost.send_replace(true);
+    /// Records that the lock is lost and wakes every [`lost`](Self::lost) future. True
+    /// the first time, so that a loss is counted once however it was found.
+    pub(crate) fn mark_lost(&self) -> bool {
+        !self.inner.lost.send_replace(true)
     }
 
     /// The lock's key, with the layer's prefix.
@@ -194,6 +195,18 @@ pub(crate) fn saturating_add(instant: Instant, duration: Duration) -> Instant {
     instant
         .checked_add(duration)
         .unwrap_or_else(|| instant + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// How a release ended, as far as its caller waited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReleaseOutcome {
+    /// Passed to the next waiter of this process: the lease was still good.
+    HandedOff,
+    /// The backend answered; `was_held` says whether our token still held the lock (if
+    /// not, it was lost before the release, whatever the holder believed).
+    Released { was_held: bool },
+    /// No answer in time (or nothing to release); it goes on in the background.
+    Unconfirmed,
 }
 
 /// Releases a lock that may be held, on every path: explicitly with [`release`], or from
@@ -334,13 +347,13 @@ impl<B: LockBackend> LockGuard<B> {
     /// Hands the lock to a local waiter, or releases it now, waiting at most `timeout`.
     /// If the backend does not confirm in time, the guard's `Drop` tries once more in the
     /// background; the lease is the last resort.
-    pub(crate) async fn release(mut self, timeout: Duration) {
+    pub(crate) async fn release(mut self, timeout: Duration) -> ReleaseOutcome {
         if self.try_hand_off() {
-            return;
+            return ReleaseOutcome::HandedOff;
         }
         self.may_hand_off = false;
         if !self.armed {
-            return; // Drop gives the queue its next turn
+            return ReleaseOutcome::Unconfirmed; // Drop gives the queue its next turn
         }
         match tokio::time::timeout(timeout, self.backend.release(&self.key, self.token)).await {
             Ok(Ok(released)) => {
@@ -348,12 +361,17 @@ impl<B: LockBackend> LockGuard<B> {
                 if let Some(queue) = self.queue.take() {
                     queue.pass_turn(&self.key, released.notified > 0);
                 }
+                ReleaseOutcome::Released {
+                    was_held: released.was_held,
+                }
             }
             Ok(Err(err)) => {
                 tracing::warn!(key = %self.key, error = %err, "lock release failed; retrying in the background");
+                ReleaseOutcome::Unconfirmed
             }
             Err(_) => {
                 tracing::warn!(key = %self.key, ?timeout, "lock release timed out; retrying in the background");
+                ReleaseOutcome::Unconfirmed
             }
         }
     }

@@ -17,7 +17,7 @@ use crate::{
     guard::LockGuard,
     observe::{self, Outcome},
     queue::LocalQueues,
-    watchdog::Watchdog,
+    watchdog::{Watchdog, loss_on_release, note_loss},
 };
 
 /// Takes locks on demand, with the same wait, answers and release-on-drop as
@@ -217,10 +217,17 @@ impl<B: LockBackend> OwnedLock<B> {
 
     /// Releases the lock now, waiting at most the release timeout for the backend to
     /// confirm (then it goes on in the background).
+    ///
+    /// A release that finds the lock no longer ours (its lease ran out while the holder
+    /// was blocked, say) marks [`Held::is_lost`] and counts the loss.
     pub async fn release(mut self) {
+        let ran_out = self.held.is_lost();
         self.stop();
         if let Some(guard) = self.guard.take() {
-            guard.release(self.release_timeout).await;
+            let outcome = guard.release(self.release_timeout).await;
+            if let Some(loss) = loss_on_release(outcome, ran_out) {
+                note_loss(&self.held, &self.class, loss);
+            }
         }
     }
 

@@ -31,7 +31,7 @@ pub enum LockRejection {
     InvalidKey(InvalidKey),
     /// The lock was lost while the handler ran (under [`LossPolicy::Abort`](crate::LossPolicy::Abort)).
     #[error("{}", if *.expired {
-        "the lock expired while the request was handled: the lock service could not be reached to renew it"
+        "the lock expired while the request was handled: it could not be renewed in time"
     } else {
         "the lock was taken away while the request was handled"
     })]

@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 use crate::{
     Held, LockBackend,
     backend::BackendError,
-    guard::{drift, saturating_add},
+    guard::{ReleaseOutcome, drift, saturating_add},
     observe,
 };
 
@@ -128,7 +128,36 @@ impl<B: LockBackend> Watchdog<B> {
     fn lost(&mut self, loss: Loss) -> Poll<Loss> {
         tracing::warn!(key = %self.held.key(), ?loss, "lock lost");
         self.renewing = None;
-        self.held.mark_lost();
+        let _first = self.held.mark_lost();
         Poll::Ready(loss)
     }
+}
+
+/// Whether a lock was lost while its holder ran, judged once the holder is done: from
+/// the release's answer, and from the lease deadline as it stood when the holder
+/// finished (`ran_out`). The watchdog cannot see a handler that blocks its thread past
+/// the lease and finishes in the same poll; this catches it.
+///
+/// A release that found our token proves the lock was ours throughout (nobody can take a
+/// key that still holds our value), even if our deadline, which errs early, had passed.
+/// A release that found no token of ours proves the loss. Without an answer, a lease past
+/// its deadline counts as lost.
+pub(crate) fn loss_on_release(outcome: ReleaseOutcome, ran_out: bool) -> Option<Loss> {
+    match outcome {
+        ReleaseOutcome::Released { was_held: true } | ReleaseOutcome::HandedOff => None,
+        ReleaseOutcome::Released { was_held: false } if ran_out => Some(Loss::Expired),
+        ReleaseOutcome::Released { was_held: false } => Some(Loss::Taken),
+        ReleaseOutcome::Unconfirmed => ran_out.then_some(Loss::Expired),
+    }
+}
+
+/// Records a loss found after the fact, once: `Held` is told, the loss is counted and
+/// logged. False when it was known already.
+pub(crate) fn note_loss(held: &Held, class: &std::sync::Arc<str>, loss: Loss) -> bool {
+    if !held.mark_lost() {
+        return false;
+    }
+    observe::lost(class);
+    tracing::warn!(key = %held.key(), ?loss, "lock lost while held; found when its holder finished");
+    true
 }

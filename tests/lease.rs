@@ -4,11 +4,15 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
 
 use axum::{Router, routing::post};
 use deadpool_redis::redis::cmd;
 use http::StatusCode;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use support::{Counter, RedisServer, app, pool, serve};
 use tower_redis_lock::{Held, LockLayer, LossPolicy, PathParam, RedisBackend};
 
@@ -164,4 +168,70 @@ async fn a_lock_taken_behind_our_back_is_noticed_at_the_next_renewal() {
         intruder, "intruder",
         "our release deleted someone else's lock"
     );
+}
+
+/// The metrics of this test binary.
+fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).expect("one recorder per test binary");
+        handle
+    })
+}
+
+/// `lock_lost_total` of `class`, 0 before the first loss.
+fn lost_total(class: &str) -> u64 {
+    let label = format!("lock_lost_total{{class=\"{class}\"}} ");
+    metrics()
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(&label)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 11, finding 2. A handler that blocks its thread past the lease (a synchronous
+/// driver, heavy CPU) and finishes in the same poll gets past the watchdog, which is
+/// polled only between the handler's polls. Meanwhile a second instance takes the
+/// expired lock. The first request must not answer 2xx, and the loss must be counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_past_its_lease_does_not_answer_success() {
+    async fn blocking() -> &'static str {
+        std::thread::sleep(Duration::from_millis(1500));
+        "done"
+    }
+    let server = RedisServer::spawn();
+    let class = "blocking";
+    let before = lost_total(class);
+    let instance = || {
+        let layer = LockLayer::new(backend(&server), PathParam::new("id"))
+            .ttl(TTL)
+            .max_wait(Duration::from_secs(3))
+            .metrics_class(class);
+        Router::new()
+            .route("/block/{id}", post(blocking))
+            .route("/quick/{id}", post(|| async { "quick" }))
+            .route_layer(layer)
+    };
+    let (first, second) = (serve(instance()).await, serve(instance()).await);
+    let client = reqwest::Client::new();
+    let blocked = tokio::spawn({
+        let client = client.clone();
+        async move { client.post(format!("{first}/block/1")).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The lease ends at 1 s, unrenewed: the second instance gets the lock then.
+    let overlapping = client
+        .post(format!("{second}/quick/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(overlapping.status(), StatusCode::OK);
+
+    let blocked = blocked.await.unwrap().unwrap();
+    assert_eq!(blocked.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = blocked.text().await.unwrap();
+    assert!(body.contains("the lock expired"), "{body}");
+    assert_eq!(lost_total(class), before + 1, "the loss was not counted");
 }

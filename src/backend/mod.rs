@@ -48,7 +48,8 @@ pub enum Acquire {
 /// The answer to a release.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Released {
-    /// Whether the token held the lock (and so freed it).
+    /// Whether the token held the lock (and so freed it); on Redlock, on a majority of
+    /// the nodes. `false` means the lock was lost before the release.
     pub was_held: bool,
     /// How many waiters elsewhere were told of the release, when the backend notifies
     /// (0 otherwise). The local queue uses it to step aside for them.

@@ -173,20 +173,25 @@ impl LockBackend for RedlockBackend {
     async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
         let answers = self.on_all(|node| node.release(key, token)).await;
         let mut released = Released::default();
+        let mut held_on = 0;
         let mut failures = Vec::new();
         for answer in answers {
             match answer {
                 Ok(node) => {
-                    released.was_held |= node.was_held;
+                    held_on += usize::from(node.was_held);
                     released.notified += node.notified;
                 }
                 Err(err) => failures.push(err),
             }
         }
-        // Nodes that did not answer keep the key until its lease ends; that is only an
-        // error when no node could be told.
+        // The lock was ours up to the release only if a majority still held our token;
+        // when the nodes that did not answer could make the difference, nobody knows.
+        // Nodes that did not answer keep the key until its lease ends.
+        released.was_held = held_on >= self.quorum();
         match failures.pop() {
-            Some(err) if failures.len() + 1 == self.nodes.len() => Err(err),
+            Some(err) if !released.was_held && held_on + failures.len() + 1 >= self.quorum() => {
+                Err(err)
+            }
             _ => Ok(released),
         }
     }
