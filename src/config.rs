@@ -18,6 +18,8 @@ use crate::{
 /// frees the key soon (Redisson and redsync use 30 s and 8 s). The watchdog renews it
 /// while the handler runs.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+/// The shortest ttl accepted: leases shorter than this would be mostly drift margin.
+pub(crate) const MIN_TTL: Duration = Duration::from_millis(10);
 /// Default bound on the wait for a contended lock before answering 409.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 /// Default first backoff ceiling; it doubles on each retry…
@@ -229,13 +231,20 @@ macro_rules! lock_settings {
         /// The lease of each lock (default 10 s). The watchdog extends it while the lock
         /// is held; a holder that crashes frees its key after at most this long.
         ///
+        /// A ttl beyond what Redis accepts (`Duration::MAX`, say) is clamped to about
+        /// 285,000 years.
+        ///
         /// # Panics
         ///
-        /// When `ttl` is under one millisecond.
+        /// When `ttl` is under 10 ms: the client counts a lease as over 1 % + 2 ms early
+        /// (clock drift), so a shorter one would leave no time to hold the lock.
         pub fn ttl(mut self, ttl: std::time::Duration) -> Self {
             assert!(
-                ttl >= std::time::Duration::from_millis(1),
-                concat!($name, "::ttl must be at least 1 ms")
+                ttl >= $crate::config::MIN_TTL,
+                concat!(
+                    $name,
+                    "::ttl must be at least 10 ms (the drift margin alone is 2 ms)"
+                )
             );
             self.config_mut().wait.ttl = ttl;
             self

@@ -206,3 +206,88 @@ async fn exhausted_pool_answers_503() {
     drop(busy);
     assert_eq!(pay(&url, "1", "").await.status(), StatusCode::OK);
 }
+
+/// Issue 11, finding 7. Every duration setting at its extremes: `Duration::MAX` (which a
+/// user may pass to mean "forever") and the smallest accepted value. Redis refuses a
+/// `PX` beyond its range, so the lease is clamped; nothing may turn into a 503 or a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_duration_setting_takes_its_extremes() {
+    let server = RedisServer::spawn();
+    let forever = Duration::MAX;
+    let huge_backend = RedisBackend::new(pool(&server.url())).command_timeout(forever);
+    let holder = tokio::spawn({
+        let url = serve(app(
+            huge_backend,
+            Counter::Local(Default::default()),
+            |layer| {
+                layer
+                    .ttl(forever)
+                    .max_wait(forever)
+                    .backoff(forever, forever)
+                    .retry_after(forever)
+                    .release_timeout(forever)
+                    .renew_every(forever)
+            },
+        ))
+        .await;
+        async move { pay(&url, "x", "work_ms=600").await }
+    });
+    // The lease Redis got is the clamped one: positive, and far beyond any real ttl.
+    let mut pttl = -2;
+    for _ in 0..50 {
+        pttl = server.query(cmd("PTTL").arg("lock:{order:x}"));
+        if pttl > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pttl > 100 * 365 * 24 * 3600 * 1000_i64, "PTTL {pttl}");
+
+    // A contended request with the smallest settings, then with huge hints.
+    let smallest = serve(app(
+        backend(&server),
+        Counter::Local(Default::default()),
+        |layer| {
+            layer
+                .ttl(Duration::from_millis(10))
+                .max_wait(Duration::ZERO)
+                .backoff(Duration::from_nanos(1), Duration::from_nanos(1))
+                .retry_after(Duration::ZERO)
+                .release_timeout(Duration::ZERO)
+                .renew_every(Duration::from_nanos(1))
+        },
+    ))
+    .await;
+    let contended = pay(&smallest, "x", "").await;
+    assert_eq!(contended.status(), StatusCode::CONFLICT);
+    assert_eq!(contended.headers()["retry-after"], "1");
+    let hinted = serve(app(
+        backend(&server),
+        Counter::Local(Default::default()),
+        |layer| layer.max_wait(Duration::ZERO).retry_after(forever),
+    ))
+    .await;
+    let contended = pay(&hinted, "x", "").await;
+    assert_eq!(contended.status(), StatusCode::CONFLICT);
+    let retry_after: u64 = contended.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after > 1, "the holder's lease is long: {retry_after}");
+
+    assert_eq!(holder.await.unwrap().status(), StatusCode::OK);
+    let left: i64 = server.query(cmd("EXISTS").arg("lock:{order:x}"));
+    assert_eq!(left, 0, "the lock outlived its request");
+}
+
+/// A ttl shorter than the drift margin could never be held: refused when the layer is built.
+#[test]
+#[should_panic(expected = "ttl must be at least 10 ms")]
+fn a_ttl_under_ten_milliseconds_is_refused() {
+    let _ = tower_redis_lock::LockLayer::new(
+        tower_redis_lock::InMemoryBackend::new(),
+        |_: &http::request::Parts| Some("k"),
+    )
+    .ttl(Duration::from_millis(9));
+}

@@ -264,9 +264,17 @@ impl RedisBackend {
     }
 }
 
-/// A lease in whole milliseconds, at least one (`PX 0` is an error in Redis).
+/// The longest lease sent to Redis, in ms (about 285,000 years): Redis refuses a `PX`
+/// whose deadline overflows its clock, and 2⁵³ stays exact in the scripts' Lua numbers.
+/// A longer ttl (`Duration::MAX` for "forever") is clamped to it.
+const MAX_LEASE_MILLIS: u64 = 1 << 53;
+
+/// A lease in whole milliseconds, at least one (`PX 0` is an error in Redis) and at most
+/// [`MAX_LEASE_MILLIS`].
 fn lease_millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_LEASE_MILLIS)
 }
 
 /// Connection trouble means "unavailable"; a server that cannot take writes now (a former
@@ -449,5 +457,6 @@ mod tests {
     fn lease_is_whole_positive_milliseconds() {
         assert_eq!(lease_millis(Duration::from_micros(10)), 1);
         assert_eq!(lease_millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(lease_millis(Duration::MAX), MAX_LEASE_MILLIS);
     }
 }
