@@ -1,6 +1,7 @@
 //! Keys from hostile requests, against a spawned Redis: empty, 64 KiB, not UTF-8, or full
-//! of braces and glob characters. Decision: keys are stored literally inside the hash tag
-//! (`lock:{<prefix><key>}`), so braces and globs are safe and never collide; empty keys,
+//! of braces and glob characters. Decision: keys are stored inside the hash tag
+//! (`lock:{<prefix><key>}`, with `}` and `%` escaped as `%7D` and `%25` so nothing ends
+//! the tag early), so braces and globs are safe and never collide; empty keys,
 //! keys over `max_key_len` and header values that are not visible ASCII get 400, before
 //! Redis is asked anything.
 
@@ -82,13 +83,16 @@ async fn hostile_keys_are_refused_or_kept_apart() {
         .try_acquire(&LockKey::from("x:{1}"), token, Duration::from_secs(30))
         .await;
     assert!(matches!(held, Ok(Acquire::Acquired { .. })));
-    let exists: i64 = server.query(cmd("EXISTS").arg("lock:{x:{1}}"));
-    assert_eq!(exists, 1, "the key is not stored literally");
+    // `}` is written `%7D`, so the braces hold the whole key (one Cluster slot).
+    let exists: i64 = server.query(cmd("EXISTS").arg("lock:{x:{1%7D}"));
+    assert_eq!(exists, 1, "the key is not stored as documented");
     assert_eq!(
         send(HeaderValue::from_static("{1}")).await.0,
         StatusCode::CONFLICT
     );
-    for other in ["{1", "1}", "1", "{1}}", "*", "?", "[1]", "{*}", "x:{1}"] {
+    for other in [
+        "{1", "1}", "1", "{1}}", "*", "?", "[1]", "{*}", "x:{1}", "{1%7D", "%",
+    ] {
         let (status, body) = send(HeaderValue::from_static(other)).await;
         assert_eq!(
             status,

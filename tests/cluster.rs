@@ -124,3 +124,40 @@ async fn exclusion_and_wake_up_on_a_cluster() {
         "woke {woke_after:?} after the release"
     );
 }
+
+/// Issue 11, finding 6. Keys that would end or empty the hash tag (`}` first, under an
+/// empty layer prefix) must still keep every key of their lock in one slot: each one is
+/// acquired (with a fencing token), extended and released on the cluster, all at once,
+/// without a `CROSSSLOT` error and without two of them sharing a lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_keys_keep_their_lock_in_one_slot() {
+    let cluster = RedisCluster::spawn(3);
+    let backend = instance(&cluster, 0);
+    let hostile = [
+        "}", "}x", "}}", "{", "{}", "{}}", "a}b", "%", "%7D", "%25", "}%", "{1}", "1}", "*", "[1]",
+        "a b", "é}", "order:1",
+    ];
+    let ttl = Duration::from_secs(30);
+    let mut held = Vec::new();
+    for raw in hostile {
+        let (key, token) = (LockKey::from(raw), Uuid::new_v4());
+        let answer = backend.try_acquire(&key, token, ttl).await;
+        assert!(
+            matches!(
+                answer,
+                Ok(Acquire::Acquired {
+                    fencing_token: Some(_)
+                })
+            ),
+            "{raw:?}: {answer:?}"
+        );
+        held.push((key, token));
+    }
+    for (key, token) in &held {
+        assert!(backend.extend(key, *token, ttl).await.unwrap(), "{key:?}");
+    }
+    for (key, token) in &held {
+        let released = backend.release(key, *token).await;
+        assert!(released.is_ok_and(|r| r.was_held), "{key:?}");
+    }
+}

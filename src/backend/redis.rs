@@ -169,7 +169,9 @@ impl RedisBackend {
         self
     }
 
-    /// The Redis key that stores the lock `key`: `<prefix>{<key>}`.
+    /// The Redis key that stores the lock `key`: `<prefix>{<key>}`, where `}` and `%` in
+    /// the key are written `%7D` and `%25` so that the braces always hold the whole key
+    /// (one Cluster slot for every key of the lock, and no two keys alike).
     pub fn redis_key(&self, key: &LockKey) -> String {
         self.key_with_suffix(key, "")
     }
@@ -197,7 +199,7 @@ impl RedisBackend {
         let mut redis_key = String::with_capacity(prefix.len() + key.len() + 2 + suffix.len());
         redis_key.push_str(prefix);
         redis_key.push('{');
-        redis_key.push_str(key.as_str());
+        push_hash_tag(&mut redis_key, key.as_str());
         redis_key.push('}');
         redis_key.push_str(suffix);
         redis_key
@@ -261,6 +263,32 @@ impl RedisBackend {
             self.connection.reset();
         }
         result
+    }
+}
+
+/// Appends `key` as the content of a hash tag that nothing can end early or leave empty.
+///
+/// Redis hashes the text between the first `{` and the first `}` after it, unless that is
+/// empty. A `}` in the key would end the tag early (and `}` first would empty it, so the
+/// lock and its `:fence` key would land in different Cluster slots), so it is written
+/// `%7D`, and `%` itself `%25`; every other character is kept, so ordinary keys read as
+/// they are. The empty key, which the layer never sends, becomes a lone `%`, which no
+/// other key can produce. Distinct keys give distinct tags.
+fn push_hash_tag(out: &mut String, key: &str) {
+    if key.is_empty() {
+        out.push('%');
+        return;
+    }
+    if !key.contains(['}', '%']) {
+        out.push_str(key);
+        return;
+    }
+    for c in key.chars() {
+        match c {
+            '}' => out.push_str("%7D"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
     }
 }
 
@@ -452,6 +480,29 @@ impl fmt::Debug for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_tags_hold_the_whole_key_and_keep_keys_apart() {
+        let tag = |key: &str| {
+            let mut out = String::new();
+            push_hash_tag(&mut out, key);
+            out
+        };
+        assert_eq!(tag("order:42"), "order:42");
+        assert_eq!(tag("{a}"), "{a%7D");
+        assert_eq!(tag("}x"), "%7Dx");
+        assert_eq!(tag("50%"), "50%25");
+        assert_eq!(tag(""), "%");
+        let hostile = [
+            "", "%", "}", "%7D", "%25", "}}", "%}", "}%", "a}b", "a%7Db", "{", "{}",
+        ];
+        let tags: std::collections::HashSet<_> = hostile.iter().map(|key| tag(key)).collect();
+        assert_eq!(tags.len(), hostile.len(), "two keys share a tag");
+        for key in hostile {
+            assert!(!tag(key).contains('}'), "{key:?} ends its tag early");
+            assert!(!tag(key).is_empty());
+        }
+    }
 
     #[test]
     fn lease_is_whole_positive_milliseconds() {
