@@ -277,3 +277,59 @@ async fn a_node_that_timed_out_keeps_no_orphan_grant() {
         "X kept an orphan grant of the failed attempt"
     );
 }
+
+/// Issue 11, finding 5. The holder's majority skips node 0 (held by someone else at the
+/// time), so its release publishes on nodes 1 and 2 only. A waiter with a ten-second
+/// backoff must still wake at once: only a notification heard off node 0 explains it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_wakes_waiters_whichever_nodes_held_the_lock() {
+    let redlock = Redlock::spawn(3);
+    let key = LockKey::from("order:quiet");
+    let redis_key = "lock:{order:quiet}";
+    let _: () = redlock.servers[0].query(
+        cmd("SET")
+            .arg(redis_key)
+            .arg("someone")
+            .arg("PX")
+            .arg(30_000),
+    );
+    let holder = redlock.instance();
+    let token = Uuid::new_v4();
+    assert!(matches!(
+        holder.try_acquire(&key, token, TTL).await.unwrap(),
+        Acquire::Acquired { .. }
+    ));
+    let _: i64 = redlock.servers[0].query(cmd("DEL").arg(redis_key));
+
+    let locker = Locker::new(redlock.instance())
+        .max_wait(Duration::from_secs(30))
+        .backoff(Duration::from_secs(10), Duration::from_secs(10));
+    let attempts = || -> u64 {
+        let info: String = redlock.servers[1].query(cmd("INFO").arg("commandstats"));
+        info.lines()
+            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = attempts();
+    let waiting = tokio::spawn(async move {
+        let lock = locker.lock("order:quiet").await.unwrap();
+        let woke = Instant::now();
+        lock.release().await;
+        woke
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Undoing its failed attempts must not wake the waiter itself: a few attempts, no storm.
+    let made = attempts() - before;
+    assert!(made <= 4, "{made} attempts in 700 ms with a 10 s backoff");
+    let released_at = Instant::now();
+    assert!(holder.release(&key, token).await.unwrap().was_held);
+    let woke_after = waiting
+        .await
+        .unwrap()
+        .saturating_duration_since(released_at);
+    assert!(
+        woke_after < Duration::from_secs(3),
+        "woke {woke_after:?} after the release"
+    );
+}

@@ -274,3 +274,78 @@ async fn cancelled_waiters_never_get_the_lock() {
         "lock left behind"
     );
 }
+
+/// `INFO stats` field `name`.
+fn stat(server: &RedisServer, name: &str) -> u64 {
+    let info: String = server.query(cmd("INFO").arg("stats"));
+    let prefix = format!("{name}:");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 11, finding 4. A Redis 7 ACL user without channel permissions (`resetchannels`,
+/// the default for new users) gets NOPERM from `PUBLISH` inside the release script, after
+/// its `DEL` ran, and from every `SUBSCRIBE`. A release whose `DEL` ran is a release (one
+/// script call each, no retries), and failed subscriptions back off instead of opening a
+/// connection per wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_channel_permissions_still_locks_cleanly() {
+    let server = RedisServer::spawn();
+    let _: () = server.query(
+        cmd("ACL")
+            .arg("SETUSER")
+            .arg("locker")
+            .arg("on")
+            .arg(">secret")
+            .arg("~lock:*")
+            .arg("+@all")
+            .arg("resetchannels"),
+    );
+    let url = format!("redis://locker:secret@127.0.0.1:{}", server.port());
+    let backend = RedisBackend::new(pool(&url))
+        .command_timeout(Duration::from_millis(500))
+        .notify_with(redis::Client::open(url.as_str()).unwrap());
+    let locker = Locker::new(backend.clone())
+        .without_local_queue()
+        .max_wait(Duration::from_secs(5))
+        .backoff(Duration::from_millis(20), Duration::from_millis(40));
+    // Warm up: connections made, scripts loaded.
+    locker.lock("warm-up").await.unwrap().release().await;
+
+    let scripts_before = calls(&server, "evalsha");
+    for i in 0..10 {
+        let lock = locker.lock(format!("order:{i}")).await.unwrap();
+        assert!(!lock.is_lost());
+        lock.release().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // background retries, if any
+    assert_eq!(
+        calls(&server, "evalsha") - scripts_before,
+        20,
+        "one acquire and one release per lock, no retried releases"
+    );
+    let keys: Vec<String> = server.query(cmd("KEYS").arg("lock:*"));
+    assert!(keys.is_empty(), "locks left: {keys:?}");
+
+    // Twenty contended waits, each of which would subscribe.
+    let connections_before = stat(&server, "total_connections_received");
+    for i in 0..20 {
+        let key = LockKey::from(format!("busy:{i}"));
+        let token = Uuid::new_v4();
+        let held = backend
+            .try_acquire(&key, token, Duration::from_secs(30))
+            .await;
+        assert!(matches!(held, Ok(Acquire::Acquired { .. })));
+        let waiter = tokio::spawn({
+            let locker = locker.clone();
+            let key = key.clone();
+            async move { locker.lock(key).await.map(|lock| lock.token()) }
+        });
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(backend.release(&key, token).await.unwrap().was_held);
+        assert!(waiter.await.unwrap().is_ok());
+    }
+    let opened = stat(&server, "total_connections_received") - connections_before;
+    assert!(opened <= 3, "{opened} connections for 20 waits");
+}

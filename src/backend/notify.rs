@@ -19,7 +19,7 @@ use std::{
 };
 
 use deadpool_redis::redis::{
-    Client, RedisError,
+    Client, ErrorKind, RedisError,
     aio::{PubSubSink, PubSubStream},
 };
 use futures_core::Stream;
@@ -30,6 +30,16 @@ use tokio::{
 
 /// How long a channel stays subscribed without waiters.
 const LINGER: Duration = Duration::from_secs(2);
+/// After a failed connection or subscription, waiters rely on their backoff alone for this
+/// long before one tries again; it doubles with each failure in a row, up to
+/// [`MAX_RETRY_PAUSE`]. A server that refuses (no channel permission, a node down) then
+/// costs one attempt per pause, not one connection per wait.
+const FIRST_RETRY_PAUSE: Duration = Duration::from_secs(1);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
+/// The channel map is swept of idle, unsubscribed entries once it has doubled since the
+/// last sweep (and holds at least this many): bounded by the live waiters and the
+/// subscriptions, whether or not a connection is up.
+const SWEEP_AT_LEAST: usize = 64;
 
 pub(crate) struct Notifier {
     client: Client,
@@ -46,15 +56,70 @@ struct State {
     channels: HashMap<String, Channel>,
     link: Option<Link>,
     generation: u64,
+    /// Size of `channels` after the last sweep.
+    swept_at: usize,
+    /// Connection or subscription failures in a row, and when to try again.
+    failures: u32,
+    retry_at: Option<Instant>,
 }
 
 struct Channel {
     notify: Arc<Notify>,
     epoch: u64,
     waiting: usize,
-    /// The generation of the link this channel is subscribed on.
-    subscribed_on: Option<u64>,
+    /// The link this channel is subscribed on, if any.
+    subscription: Option<Subscription>,
     idle_since: Instant,
+}
+
+/// A channel's subscription on the link of generation `generation`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Subscription {
+    generation: u64,
+    /// Redis confirmed the `SUBSCRIBE`: from then on every release is heard. Until then
+    /// the channel does not count as listened to.
+    confirmed: bool,
+}
+
+impl State {
+    fn generation(&self) -> Option<u64> {
+        self.link.as_ref().map(|link| link.generation)
+    }
+
+    /// Whether `channel` is subscribed, confirmed, on the live link.
+    fn listens_on(&self, channel: &str) -> bool {
+        let live = self.generation();
+        self.channels.get(channel).is_some_and(|c| {
+            c.subscription
+                .is_some_and(|sub| sub.confirmed && Some(sub.generation) == live)
+        })
+    }
+
+    /// Forgets channels nobody waits on that are not subscribed on the live link (those
+    /// the listener unsubscribes once idle). Needs no connection.
+    fn sweep_unsubscribed(&mut self) {
+        let live = self.generation();
+        self.channels.retain(|_, entry| {
+            entry.waiting > 0
+                || entry
+                    .subscription
+                    .is_some_and(|sub| Some(sub.generation) == live)
+        });
+        self.swept_at = self.channels.len();
+    }
+
+    fn failed(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        let pause = FIRST_RETRY_PAUSE
+            .saturating_mul(1 << (self.failures - 1).min(8))
+            .min(MAX_RETRY_PAUSE);
+        self.retry_at = Some(Instant::now() + pause);
+    }
+
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+    }
 }
 
 #[derive(Clone)]
@@ -85,12 +150,7 @@ impl Notifier {
     /// Whether this process is listening on `channel` (then a release's receiver count
     /// includes us).
     pub(crate) fn listens_on(&self, channel: &str) -> bool {
-        let state = self.state();
-        let generation = state.link.as_ref().map(|link| link.generation);
-        state
-            .channels
-            .get(channel)
-            .is_some_and(|c| c.subscribed_on.is_some() && c.subscribed_on == generation)
+        self.state().listens_on(channel)
     }
 
     /// Releases heard on `channel` so far.
@@ -102,10 +162,15 @@ impl Notifier {
     /// once if a release was heard since `epoch`, and right after a new subscription (a
     /// release may have slipped by before it).
     pub(crate) async fn wait(self: &Arc<Self>, channel: &str, epoch: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let (notify, subscribed) = {
+        let now = Instant::now();
+        let deadline = now + timeout;
+        let (notify, subscribed, may_subscribe) = {
             let mut state = self.state();
-            let generation = state.link.as_ref().map(|link| link.generation);
+            if state.channels.len() >= 2 * state.swept_at.max(SWEEP_AT_LEAST) {
+                state.sweep_unsubscribed();
+            }
+            let subscribed = state.listens_on(channel);
+            let may_subscribe = state.retry_at.is_none_or(|at| now >= at);
             let entry = state
                 .channels
                 .entry(channel.to_owned())
@@ -113,15 +178,14 @@ impl Notifier {
                     notify: Arc::default(),
                     epoch: 0,
                     waiting: 0,
-                    subscribed_on: None,
-                    idle_since: Instant::now(),
+                    subscription: None,
+                    idle_since: now,
                 });
             if entry.epoch != epoch {
                 return;
             }
             entry.waiting += 1;
-            let subscribed = entry.subscribed_on.is_some() && entry.subscribed_on == generation;
-            (entry.notify.clone(), subscribed)
+            (entry.notify.clone(), subscribed, may_subscribe)
         };
         let _interest = Interest {
             notifier: self,
@@ -129,7 +193,11 @@ impl Notifier {
         };
         let mut notified = pin!(notify.notified());
         notified.as_mut().enable();
-        if !subscribed {
+        // A release heard after the check above and before `enable` moved the epoch.
+        if self.epoch(channel) != epoch {
+            return;
+        }
+        if !subscribed && may_subscribe {
             match tokio::time::timeout_at(deadline, self.subscribe(channel)).await {
                 Ok(Ok(())) => return,
                 Ok(Err(err)) => {
@@ -143,30 +211,59 @@ impl Notifier {
 
     async fn subscribe(self: &Arc<Self>, channel: &str) -> Result<(), RedisError> {
         let _changing = self.changes.lock().await;
+        let link = match self.link().await {
+            Ok(link) => link,
+            Err(err) => {
+                self.state().failed();
+                return Err(err);
+            }
+        };
         let Link {
             mut sink,
             generation,
-        } = self.link().await?;
+        } = link;
         if self.listens_on(channel) {
             return Ok(()); // another waiter did it while we queued
         }
-        // Marked first: if this future is cut short, Redis still runs the SUBSCRIBE, and
-        // the sweep must know to undo it.
-        self.mark(channel, Some(generation));
+        // Marked (unconfirmed) first: if this future is cut short, Redis still runs the
+        // SUBSCRIBE, and the sweep must know to undo it.
+        self.mark(
+            channel,
+            Some(Subscription {
+                generation,
+                confirmed: false,
+            }),
+        );
         let outcome = tokio::time::timeout(self.timeout, sink.subscribe(channel))
             .await
             .unwrap_or_else(|_| Err(timed_out()));
-        if outcome.is_err() {
-            // The connection may be open but dead: the next wait makes a new one.
-            self.mark(channel, None);
-            self.drop_link(generation);
+        match &outcome {
+            Ok(()) => {
+                self.mark(
+                    channel,
+                    Some(Subscription {
+                        generation,
+                        confirmed: true,
+                    }),
+                );
+                self.state().succeeded();
+            }
+            Err(err) => {
+                self.mark(channel, None);
+                self.state().failed();
+                // A refusal (NOPERM) leaves the connection usable; anything else may mean
+                // it is open but dead, and the next attempt makes a new one.
+                if !matches!(err.kind(), ErrorKind::Server(_)) {
+                    self.drop_link(generation);
+                }
+            }
         }
         outcome
     }
 
-    fn mark(&self, channel: &str, generation: Option<u64>) {
+    fn mark(&self, channel: &str, subscription: Option<Subscription>) {
         if let Some(entry) = self.state().channels.get_mut(channel) {
-            entry.subscribed_on = generation;
+            entry.subscription = subscription;
         }
     }
 
@@ -220,11 +317,16 @@ impl Notifier {
             let mut idle = Vec::new();
             state.channels.retain(|name, entry| {
                 let keep = entry.waiting > 0 || now.duration_since(entry.idle_since) < LINGER;
-                if !keep && entry.subscribed_on == Some(generation) {
+                if !keep
+                    && entry
+                        .subscription
+                        .is_some_and(|sub| sub.generation == generation)
+                {
                     idle.push(name.clone());
                 }
                 keep
             });
+            state.swept_at = state.channels.len();
             (idle, link.sink)
         };
         if !idle.is_empty() {
@@ -295,12 +397,49 @@ async fn listen(notifier: Weak<Notifier>, stream: PubSubStream, generation: u64)
                     state.link = None;
                 }
                 for entry in state.channels.values_mut() {
-                    entry.subscribed_on = None;
+                    entry.subscription = None;
                     entry.epoch += 1;
                     entry.notify.notify_waiters();
                 }
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With the notification server unreachable (a node down; the same holds for one that
+    /// refuses every `SUBSCRIBE`), waits on ever new keys keep the channel map bounded by
+    /// the live waiters, and only the first wait of a pause tries to connect.
+    #[tokio::test]
+    async fn the_channel_map_stays_bounded_without_a_connection() {
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let client = Client::open("redis://127.0.0.1:1").unwrap();
+        let notifier = Arc::new(Notifier::new(client, Duration::from_millis(200)));
+        let started = Instant::now();
+        for i in 0..500 {
+            let channel = format!("lock:{{k{i}}}:released");
+            notifier.wait(&channel, 0, Duration::from_millis(1)).await;
+            if i == 0 {
+                assert_eq!(notifier.state().failures, 1);
+            }
+        }
+        let state = notifier.state();
+        // One attempt per pause (1 s, 2 s, 4 s…), not one per wait.
+        let pauses = started.elapsed().as_secs() + 2;
+        assert!(
+            u64::from(state.failures) <= pauses,
+            "{} attempts",
+            state.failures
+        );
+        assert!(state.link.is_none());
+        assert!(
+            state.channels.len() <= 2 * SWEEP_AT_LEAST,
+            "{} channels kept",
+            state.channels.len()
+        );
     }
 }

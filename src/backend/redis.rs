@@ -205,6 +205,36 @@ impl RedisBackend {
         redis_key
     }
 
+    /// Runs the release script; `publish` tells waiters elsewhere.
+    async fn release_script(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        publish: bool,
+    ) -> Result<Released, BackendError> {
+        let channel = self.release_channel(key);
+        let mut invocation = self.invocation(&RELEASE, key, token);
+        invocation
+            .key(&channel)
+            .arg(if publish { "1" } else { "0" });
+        let reply: (i64, u64) = self.run(invocation).await?;
+        // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
+        let ours = self
+            .notifier
+            .as_ref()
+            .is_some_and(|n| n.listens_on(&channel));
+        Ok(Released {
+            was_held: reply.0 == 1,
+            notified: reply.1.saturating_sub(u64::from(ours)),
+        })
+    }
+
+    /// Undoes an acquisition nobody may know of (a failed Redlock attempt): a release
+    /// that tells no waiter.
+    pub(crate) async fn undo(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
+        self.release_script(key, token, false).await
+    }
+
     /// Drops the shared connection: the next operation takes a fresh one.
     pub(crate) fn reset_connection(&self) {
         self.connection.reset();
@@ -360,19 +390,7 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
-        let channel = self.release_channel(key);
-        let mut invocation = self.invocation(&RELEASE, key, token);
-        invocation.key(&channel);
-        let reply: (i64, u64) = self.run(invocation).await?;
-        // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
-        let ours = self
-            .notifier
-            .as_ref()
-            .is_some_and(|n| n.listens_on(&channel));
-        Ok(Released {
-            was_held: reply.0 == 1,
-            notified: reply.1.saturating_sub(u64::from(ours)),
-        })
+        self.release_script(key, token, true).await
     }
 
     async fn extend(

@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, select_all};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -24,8 +24,8 @@ const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
 /// extend go to every node; an extension needs a majority too.
 ///
 /// Each node is a [`RedisBackend`] with its own pool, prefix and command timeout; the
-/// scripts are the same as on one server. Release notifications are heard on the first
-/// node that has them on.
+/// scripts are the same as on one server. A waiter listens for release notifications on
+/// every node that has them on (a holder's majority may skip any one node).
 ///
 /// **Fencing**: no tokens. There is no single counter across nodes, and numbers made from
 /// per-node counters (the largest of a majority's, say) do not grow with every
@@ -151,7 +151,8 @@ impl LockBackend for RedlockBackend {
             .zip(&answers)
             .filter(|(_, answer)| !matches!(answer, Ok(Acquire::Held { .. })))
             .map(|(node, _)| node);
-        let _ = self.on_nodes(undo, |node| node.release(key, token)).await;
+        // Quietly: a published release would wake the waiters of this very attempt.
+        let _ = self.on_nodes(undo, |node| node.undo(key, token)).await;
         let answered = answers.iter().filter(|answer| answer.is_ok()).count();
         if answered < self.quorum() {
             let last_error = answers.into_iter().filter_map(Result::err).last();
@@ -231,17 +232,42 @@ impl LockBackend for RedlockBackend {
         false
     }
 
+    /// The releases heard on every node, summed: a holder's majority may skip any one
+    /// node, and its release publishes only where it deleted.
     fn release_epoch(&self, key: &LockKey) -> u64 {
-        self.nodes[0].release_epoch(key)
+        self.nodes
+            .iter()
+            .fold(0u64, |sum, node| sum.wrapping_add(node.release_epoch(key)))
     }
 
+    /// Waits on every node's notifications at once (each node that has them on), and
+    /// returns at the first release heard anywhere.
     fn wait_for_release(
         &self,
         key: &LockKey,
         epoch: u64,
         timeout: Duration,
     ) -> impl Future<Output = ()> + Send {
-        self.nodes[0].wait_for_release(key, epoch, timeout)
+        // Each node's wait starts from the epoch read here; the sum of those same readings
+        // is compared with the caller's, so a release heard in between is not missed.
+        let epochs: Vec<u64> = self
+            .nodes
+            .iter()
+            .map(|node| node.release_epoch(key))
+            .collect();
+        let moved = epochs.iter().fold(0u64, |sum, e| sum.wrapping_add(*e)) != epoch;
+        let nodes = self.nodes.clone();
+        let key = key.clone();
+        async move {
+            if moved {
+                return;
+            }
+            let waits = nodes
+                .iter()
+                .zip(epochs)
+                .map(|(node, epoch)| Box::pin(node.wait_for_release(&key, epoch, timeout)));
+            select_all(waits).await;
+        }
     }
 }
 

@@ -38,15 +38,28 @@ return {0, redis.call('PTTL', KEYS[1])}
     )
 });
 
-/// `KEYS[1]` lock key, `KEYS[2]` release channel, `ARGV[1]` token. Deletes the lock only
-/// if the token holds it, then publishes on the channel so that waiters wake at once.
-/// Returns `{1, receivers}` when it deleted, `{0, 0}` otherwise.
+/// `KEYS[1]` lock key, `KEYS[2]` release channel, `ARGV[1]` token, `ARGV[2]` `1` to
+/// publish. Deletes the lock only if the token holds it, then publishes on the channel so
+/// that waiters wake at once. Returns `{1, receivers}` when it deleted, `{0, 0}` otherwise.
+/// Undoing a failed Redlock attempt does not publish: nobody waited for that grant, and
+/// the waiter undoing it would wake itself.
+///
+/// The publish is best effort (`pcall`): a user without permission on the channel (a
+/// Redis 7 ACL user with `resetchannels`, the default) gets NOPERM from it after the
+/// `DEL` has run, and the release must still count as one.
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  return {1, redis.call('PUBLISH', KEYS[2], '')}
+  if ARGV[2] ~= '1' then
+    return {1, 0}
+  end
+  local receivers = redis.pcall('PUBLISH', KEYS[2], '')
+  if type(receivers) ~= 'number' then
+    receivers = 0
+  end
+  return {1, receivers}
 end
 return {0, 0}
 "#,
