@@ -12,7 +12,7 @@ use crate::{
     Held, LockBackend, LockKey,
     backend::{Acquire, BackendError},
     guard::{LockGuard, saturating_add},
-    queue::{Entry, Grant, HandOff, LocalQueues},
+    queue::{Entry, Grant, HandOff, LocalQueues, StepAside},
 };
 
 /// Exponential backoff with full jitter: attempt `n` sleeps a uniformly random time in
@@ -81,8 +81,15 @@ pub(crate) async fn acquire<B: LockBackend>(
         Entry::Queued(place) => match place.wait(deadline).await {
             Some(Grant::HandOff(offer)) => return take_over(offer, policy, deadline).await,
             Some(Grant::Turn { turn, step_aside }) => {
-                if step_aside {
-                    let pause = STEP_ASIDE.min(deadline.saturating_duration_since(Instant::now()));
+                let pause = match step_aside {
+                    StepAside::No => Duration::ZERO,
+                    StepAside::Notified => STEP_ASIDE,
+                    // A waiter that polls tries again within one backoff (ours, assumed
+                    // to be the other process's too).
+                    StepAside::Polling => policy.backoff.max + STEP_ASIDE,
+                };
+                if !pause.is_zero() {
+                    let pause = pause.min(deadline.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
                 }
                 turn

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::{
     LockBackend, LockKey,
-    queue::{HandOff, LocalQueues, PassTurnOnDrop, Turn},
+    queue::{HandOff, LocalQueues, PassTurnOnDrop, StepAside, Turn},
 };
 
 /// The lock a request holds, as its handler sees it.
@@ -359,7 +359,7 @@ impl<B: LockBackend> LockGuard<B> {
             Ok(Ok(released)) => {
                 self.armed = false;
                 if let Some(queue) = self.queue.take() {
-                    queue.pass_turn(&self.key, released.notified > 0);
+                    queue.pass_turn(&self.key, StepAside::after(&released));
                 }
                 ReleaseOutcome::Released {
                     was_held: released.was_held,
@@ -385,7 +385,7 @@ impl<B: LockBackend> Drop for LockGuard<B> {
         let queue = self.queue.take();
         if !self.armed {
             if let Some(queue) = queue {
-                queue.pass_turn(&self.key, false);
+                queue.pass_turn(&self.key, StepAside::No);
             }
             return;
         }
@@ -394,7 +394,7 @@ impl<B: LockBackend> Drop for LockGuard<B> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(key = %self.key, "no tokio runtime to release the lock; it will expire with its lease");
             if let Some(queue) = queue {
-                queue.pass_turn(&self.key, false);
+                queue.pass_turn(&self.key, StepAside::No);
             }
             return;
         };
@@ -404,7 +404,7 @@ impl<B: LockBackend> Drop for LockGuard<B> {
         let mut next_turn = queue.map(|queues| PassTurnOnDrop {
             queues,
             key: key.clone(),
-            step_aside: false,
+            step_aside: StepAside::No,
         });
         runtime.spawn(async move {
             let released = backend.release(&key, token).await;
@@ -412,7 +412,9 @@ impl<B: LockBackend> Drop for LockGuard<B> {
                 tracing::warn!(key = %key, error = %err, "background lock release failed; it will expire with its lease");
             }
             if let Some(next_turn) = &mut next_turn {
-                next_turn.step_aside = released.is_ok_and(|r| r.notified > 0);
+                if let Ok(released) = &released {
+                    next_turn.step_aside = StepAside::after(released);
+                }
             }
         });
     }

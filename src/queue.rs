@@ -17,7 +17,7 @@ use std::{
 
 use tokio::{sync::oneshot, time::Instant};
 
-use crate::{LockBackend, LockKey, guard::LockGuard};
+use crate::{LockBackend, LockKey, backend::Released, guard::LockGuard};
 
 /// The queues of one layer or locker, by key. A key has an entry while someone of this
 /// process holds its lock or has the turn to ask for it.
@@ -42,9 +42,38 @@ struct Waiter<B: LockBackend> {
 pub(crate) enum Grant<B: LockBackend> {
     /// The lock itself.
     HandOff(HandOff<B>),
-    /// The turn to ask the backend. `step_aside`: waiters of other processes were told of
-    /// the release that made this turn; give them a moment first.
-    Turn { turn: Turn<B>, step_aside: bool },
+    /// The turn to ask the backend, after the release that made it. `step_aside`: whether
+    /// to give waiters of other processes a moment first.
+    Turn {
+        turn: Turn<B>,
+        step_aside: StepAside,
+    },
+}
+
+/// How long the next local asker lets waiters of other processes try first, after a
+/// release in the backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum StepAside {
+    /// Nobody elsewhere waits: ask at once.
+    #[default]
+    No,
+    /// Waiters elsewhere were told of the release: they try within a round trip.
+    Notified,
+    /// Waiters elsewhere were refused but could not be told (notifications off or not
+    /// permitted): they try on their backoff, so the step aside lasts one backoff.
+    Polling,
+}
+
+impl StepAside {
+    pub(crate) fn after(released: &Released) -> Self {
+        if released.notified > 0 {
+            StepAside::Notified
+        } else if released.others_waiting {
+            StepAside::Polling
+        } else {
+            StepAside::No
+        }
+    }
 }
 
 /// A lock passed from its holder to the next waiter, with what the waiter needs to know
@@ -92,7 +121,7 @@ impl<B: LockBackend> Turn<B> {
 pub(crate) struct PassTurnOnDrop<B: LockBackend> {
     pub(crate) queues: Arc<LocalQueues<B>>,
     pub(crate) key: LockKey,
-    pub(crate) step_aside: bool,
+    pub(crate) step_aside: StepAside,
 }
 
 impl<B: LockBackend> Drop for PassTurnOnDrop<B> {
@@ -104,7 +133,7 @@ impl<B: LockBackend> Drop for PassTurnOnDrop<B> {
 impl<B: LockBackend> Drop for Turn<B> {
     fn drop(&mut self) {
         if let Some(queues) = self.queues.take() {
-            queues.pass_turn(&self.key, false);
+            queues.pass_turn(&self.key, StepAside::No);
         }
     }
 }
@@ -226,7 +255,7 @@ impl<B: LockBackend> LocalQueues<B> {
 
     /// After a release in the backend (or a turn given up), gives the turn to ask the
     /// backend to the first waiter still waiting; with none, the key is idle here.
-    pub(crate) fn pass_turn(self: &Arc<Self>, key: &LockKey, step_aside: bool) {
+    pub(crate) fn pass_turn(self: &Arc<Self>, key: &LockKey, step_aside: StepAside) {
         let mut keys = self.keys();
         let Some(queue) = keys.get_mut(key) else {
             return;

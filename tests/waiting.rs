@@ -183,6 +183,21 @@ async fn local_waiters_line_up_and_only_the_first_asks_redis() {
 /// instance B, told of the release, gets its turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hand_off_cap_lets_another_instance_in() {
+    hand_off_cap_lets_another_instance_in(instance).await;
+}
+
+/// Issue 11, finding 3. The same without release notifications (`RedisBackend::new`):
+/// nothing tells A that B waits but the mark B's refused attempts leave in Redis, and B
+/// polls on its backoff. The cap must still let B in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hand_off_cap_lets_another_instance_in_without_notifications() {
+    hand_off_cap_lets_another_instance_in(|server| {
+        RedisBackend::new(pool(&server.url())).command_timeout(Duration::from_millis(500))
+    })
+    .await;
+}
+
+async fn hand_off_cap_lets_another_instance_in(instance: fn(&RedisServer) -> RedisBackend) {
     const CAP: u32 = 3;
     let server = RedisServer::spawn();
     let a = Locker::new(instance(&server))

@@ -120,7 +120,7 @@ impl InMemoryBackend {
                 locks.held.remove(key);
                 Released {
                     was_held,
-                    notified: 0,
+                    ..Released::default()
                 }
             }
             _ => Released::default(),

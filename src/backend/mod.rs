@@ -54,6 +54,10 @@ pub struct Released {
     /// How many waiters elsewhere were told of the release, when the backend notifies
     /// (0 otherwise). The local queue uses it to step aside for them.
     pub notified: u64,
+    /// Whether a waiter elsewhere had been refused the lock since it was last released
+    /// (it left a mark), whether or not it could be told. The local queue then steps
+    /// aside long enough for a waiter that polls on its backoff.
+    pub others_waiting: bool,
 }
 
 /// A backend could not answer: the request gets 503, never an unlocked handler

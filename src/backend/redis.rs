@@ -194,6 +194,12 @@ impl RedisBackend {
         self.key_with_suffix(key, ":fence")
     }
 
+    /// The mark a refused waiter leaves, `<prefix>{<key>}:waiters` (its token, with a
+    /// short expiry): a release publishes only when it finds one.
+    fn waiters_key(&self, key: &LockKey) -> String {
+        self.key_with_suffix(key, ":waiters")
+    }
+
     fn key_with_suffix(&self, key: &LockKey, suffix: &str) -> String {
         let prefix = &self.config.prefix;
         let mut redis_key = String::with_capacity(prefix.len() + key.len() + 2 + suffix.len());
@@ -216,8 +222,9 @@ impl RedisBackend {
         let mut invocation = self.invocation(&RELEASE, key, token);
         invocation
             .key(&channel)
+            .key(self.waiters_key(key))
             .arg(if publish { "1" } else { "0" });
-        let reply: (i64, u64) = self.run(invocation).await?;
+        let reply: (i64, u64, i64) = self.run(invocation).await?;
         // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
         let ours = self
             .notifier
@@ -226,6 +233,7 @@ impl RedisBackend {
         Ok(Released {
             was_held: reply.0 == 1,
             notified: reply.1.saturating_sub(u64::from(ours)),
+            others_waiting: reply.2 == 1,
         })
     }
 
@@ -368,6 +376,7 @@ impl LockBackend for RedisBackend {
         let mut invocation = self.invocation(&ACQUIRE, key, token);
         invocation
             .key(self.fence_key(key))
+            .key(self.waiters_key(key))
             .arg(lease_millis(ttl))
             .arg(if self.config.fencing { "1" } else { "0" });
         let reply: Vec<i64> = self.run(invocation).await?;

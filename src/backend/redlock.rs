@@ -181,6 +181,7 @@ impl LockBackend for RedlockBackend {
                 Ok(node) => {
                     held_on += usize::from(node.was_held);
                     released.notified += node.notified;
+                    released.others_waiting |= node.others_waiting;
                 }
                 Err(err) => failures.push(err),
             }

@@ -8,11 +8,14 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis::Script;
 
-/// `KEYS[1]` lock key, `KEYS[2]` fence counter, `ARGV[1]` token, `ARGV[2]` lease in ms,
-/// `ARGV[3]` `1` to take a fencing token.
+/// `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` waiter mark, `ARGV[1]` token,
+/// `ARGV[2]` lease in ms, `ARGV[3]` `1` to take a fencing token.
 ///
 /// Returns `{1}` (or `{1, fencing token}`) when the token now holds the lock, `{0, pttl}`
-/// when another token does. The common case is the single `SET NX` (and `INCR`). When it
+/// when another token does. A refused attempt leaves a mark (its token) saying someone
+/// waits, so that the release tells waiters only when there are any, and a holder that
+/// hands the lock down its local line knows when to let others in. The mark outlives the
+/// waiter's next attempt, which comes by the end of the holder's lease at the latest. The common case is the single `SET NX` (and `INCR`). When it
 /// fails, a value equal to our own token means we hold the lock already (an earlier
 /// attempt landed but its reply was lost, or the lock was handed to a new holder in our
 /// process): the lease is reset and the attempt succeeds, with a fresh fencing token so
@@ -33,16 +36,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   end
   return {1}
 end
-return {0, redis.call('PTTL', KEYS[1])}
+local pttl = redis.call('PTTL', KEYS[1])
+local mark_ms = 60000
+if pttl > 0 then
+  mark_ms = pttl + 1000
+end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', mark_ms)
+return {0, pttl}
 "#,
     )
 });
 
-/// `KEYS[1]` lock key, `KEYS[2]` release channel, `ARGV[1]` token, `ARGV[2]` `1` to
-/// publish. Deletes the lock only if the token holds it, then publishes on the channel so
-/// that waiters wake at once. Returns `{1, receivers}` when it deleted, `{0, 0}` otherwise.
-/// Undoing a failed Redlock attempt does not publish: nobody waited for that grant, and
-/// the waiter undoing it would wake itself.
+/// `KEYS[1]` lock key, `KEYS[2]` release channel, `KEYS[3]` waiter mark, `ARGV[1]` token,
+/// `ARGV[2]` `1` to tell waiters. Deletes the lock only if the token holds it; then, if a
+/// waiter other than this token left a mark, clears it and publishes on the channel so
+/// that waiters wake at once. Returns `{1, receivers, marked}` when it deleted, `{0, 0, 0}`
+/// otherwise. Undoing a failed Redlock attempt tells nobody: nobody waited for that grant,
+/// and the waiter undoing it would wake itself.
 ///
 /// The publish is best effort (`pcall`): a user without permission on the channel (a
 /// Redis 7 ACL user with `resetchannels`, the default) gets NOPERM from it after the
@@ -50,18 +60,26 @@ return {0, redis.call('PTTL', KEYS[1])}
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if ARGV[2] ~= '1' then
-    return {1, 0}
-  end
-  local receivers = redis.pcall('PUBLISH', KEYS[2], '')
-  if type(receivers) ~= 'number' then
-    receivers = 0
-  end
-  return {1, receivers}
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {0, 0, 0}
 end
-return {0, 0}
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '1' then
+  return {1, 0, 0}
+end
+local mark = redis.call('GET', KEYS[3])
+if not mark then
+  return {1, 0, 0}
+end
+redis.call('DEL', KEYS[3])
+if mark == ARGV[1] then
+  return {1, 0, 0}
+end
+local receivers = redis.pcall('PUBLISH', KEYS[2], '')
+if type(receivers) ~= 'number' then
+  receivers = 0
+end
+return {1, receivers, 1}
 "#,
     )
 });
