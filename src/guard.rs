@@ -411,10 +411,8 @@ impl<B: LockBackend> Drop for LockGuard<B> {
             if let Err(err) = &released {
                 tracing::warn!(key = %key, error = %err, "background lock release failed; it will expire with its lease");
             }
-            if let Some(next_turn) = &mut next_turn {
-                if let Ok(released) = &released {
-                    next_turn.step_aside = StepAside::after(released);
-                }
+            if let (Some(next_turn), Ok(released)) = (&mut next_turn, &released) {
+                next_turn.step_aside = StepAside::after(released);
             }
         });
     }

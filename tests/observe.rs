@@ -1,6 +1,8 @@
 //! What operators see: metrics labelled by class (never by key), and a `lock` span per
 //! locked request with its outcome. One global recorder and subscriber for this binary.
 
+mod support;
+
 use std::{
     io::Write,
     sync::{Arc, Mutex, OnceLock},
@@ -8,10 +10,14 @@ use std::{
 };
 
 use axum::{Router, body::Body, routing::post};
+use deadpool_redis::redis;
 use http::{Request, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use support::{RedisServer, pool};
 use tower::ServiceExt;
-use tower_redis_lock::{Acquire, InMemoryBackend, LockBackend, LockKey, LockLayer, PathParam};
+use tower_redis_lock::{
+    Acquire, InMemoryBackend, LockBackend, LockKey, LockLayer, Locker, PathParam, RedisBackend,
+};
 use tracing_subscriber::fmt::format::FmtSpan;
 use uuid::Uuid;
 
@@ -113,4 +119,47 @@ async fn metrics_and_spans_tell_each_outcome_by_class() {
         "{logs}"
     );
     assert!(spans.iter().all(|line| line.contains("wait_ms=")), "{logs}");
+}
+
+/// Issue 11, finding 8. Lock keys carry a TTL, so under a `volatile-*` eviction policy
+/// they are the first keys Redis evicts when memory runs out: the crate says so in the log
+/// as soon as it connects, and this test shows why (a held lock evicted, a second holder
+/// in while the first still believes it holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volatile_eviction_policy_is_reported_because_it_evicts_held_locks() {
+    let (_, logs) = observed();
+    let server =
+        RedisServer::spawn_with(&["--maxmemory", "2mb", "--maxmemory-policy", "volatile-lru"]);
+    let backend = || RedisBackend::new(pool(&server.url()));
+    let first = Locker::new(backend()).ttl(Duration::from_secs(30));
+    let held = first.lock("order:1").await.unwrap();
+    let warned = support::eventually(Duration::from_secs(5), || {
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        logs.contains("volatile-lru") && logs.contains("held locks can vanish")
+    })
+    .await;
+    assert!(warned, "no warning about the eviction policy");
+
+    // Fill memory with keys without a TTL: the lock is the only key Redis may evict.
+    let mut conn = server.connection();
+    let filler = vec![b'x'; 16 * 1024];
+    for i in 0..1_000 {
+        let written: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("filler:{i}"))
+            .arg(&filler)
+            .query(&mut conn);
+        if written.is_err() {
+            break; // OOM: nothing volatile left to evict
+        }
+    }
+    let exists: i64 = server.query(redis::cmd("EXISTS").arg("lock:{order:1}"));
+    assert_eq!(exists, 0, "the held lock was not evicted");
+    let _: () = server.query(&mut redis::cmd("FLUSHDB")); // memory for the next holder
+    let second = Locker::new(backend()).max_wait(Duration::ZERO);
+    let intruder = second.lock("order:1").await;
+    assert!(intruder.is_ok(), "{intruder:?}");
+    assert!(
+        !held.is_lost(),
+        "the first holder cannot know before its next renewal"
+    );
 }

@@ -6,7 +6,10 @@
 //! connection it hands out). After a connection error or timeout the next operation takes
 //! a fresh connection from the pool.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{
+    Mutex, MutexGuard, PoisonError,
+    atomic::{AtomicBool, Ordering},
+};
 
 use deadpool_redis::{
     Connection, Pool,
@@ -15,7 +18,7 @@ use deadpool_redis::{
 #[cfg(feature = "cluster")]
 use deadpool_redis::{cluster, redis::cluster_async::ClusterConnection};
 
-use super::BackendError;
+use super::{BackendError, environment};
 
 /// Where connections come from.
 #[derive(Clone)]
@@ -68,6 +71,8 @@ impl ConnectionLike for Conn {
 pub(super) struct SharedConnection {
     pools: Pools,
     current: Mutex<Option<Conn>>,
+    /// Whether the server's settings were looked at (once, on the first connection).
+    checked: AtomicBool,
 }
 
 impl SharedConnection {
@@ -75,6 +80,7 @@ impl SharedConnection {
         Self {
             pools,
             current: Mutex::default(),
+            checked: AtomicBool::new(false),
         }
     }
 
@@ -98,6 +104,12 @@ impl SharedConnection {
                 pool.get().await.map_err(unavailable)?,
             )),
         };
+        if !self.checked.swap(true, Ordering::Relaxed)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // In the background: the operation that connected is not kept waiting.
+            runtime.spawn(environment::check(fresh.clone()));
+        }
         // If a concurrent call got there first, keep its connection and drop ours.
         Ok(self.current().get_or_insert(fresh).clone())
     }

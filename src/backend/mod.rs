@@ -11,6 +11,8 @@ use crate::LockKey;
 
 #[cfg(feature = "redis")]
 mod connection;
+#[cfg(feature = "redis")]
+mod environment;
 mod memory;
 #[cfg(feature = "redis")]
 mod notify;
