@@ -364,3 +364,59 @@ async fn a_user_without_channel_permissions_still_locks_cleanly() {
     let opened = stat(&server, "total_connections_received") - connections_before;
     assert!(opened <= 3, "{opened} connections for 20 waits");
 }
+
+/// Issue 11, finding 5. A channel whose `SUBSCRIBE` Redis has not confirmed yet is not
+/// listened to: a second waiter of the same process must not sleep on it as if it were.
+/// The proxy holds the notifier's `SUBSCRIBE` back for a second; the holder's release in
+/// that second reaches nobody. The first waiter then retries (its subscription is new)
+/// and takes the lock; the second must not sleep through its ten-second backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_counts_only_once_redis_confirmed_it() {
+    let server = RedisServer::spawn();
+    let proxy = support::proxy::Proxy::start(server.port()).await;
+    let backend = RedisBackend::new(pool(&server.url()))
+        .command_timeout(Duration::from_secs(5))
+        .notify_with(redis::Client::open(proxy.url()).unwrap());
+    let holder = instance(&server);
+    let key = LockKey::from("order:pending");
+    let token = Uuid::new_v4();
+    let held = holder
+        .try_acquire(&key, token, Duration::from_secs(30))
+        .await;
+    assert!(matches!(held, Ok(Acquire::Acquired { .. })));
+
+    proxy.delay_request_containing("SUBSCRIBE", Duration::from_secs(1));
+    let waiter = || {
+        Locker::new(backend.clone())
+            .without_local_queue()
+            .max_wait(Duration::from_secs(30))
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+    };
+    let first = tokio::spawn({
+        let locker = waiter();
+        async move {
+            let lock = locker.lock("order:pending").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            lock.release().await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = tokio::spawn({
+        let locker = waiter();
+        async move {
+            let lock = locker.lock("order:pending").await.unwrap();
+            let acquired = Instant::now();
+            lock.release().await;
+            acquired
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let released_at = Instant::now();
+    assert!(holder.release(&key, token).await.unwrap().was_held);
+    first.await.unwrap();
+    let waited = second.await.unwrap().saturating_duration_since(released_at);
+    assert!(
+        waited < Duration::from_secs(5),
+        "the second waiter slept {waited:?} on an unconfirmed subscription"
+    );
+}
