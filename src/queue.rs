@@ -68,7 +68,7 @@ impl StepAside {
     pub(crate) fn after(released: &Released) -> Self {
         if released.notified > 0 {
             StepAside::Notified
-        } else if released.others_waiting {
+        } else if released.unnotified_waiters {
             StepAside::Polling
         } else {
             StepAside::No

@@ -57,9 +57,10 @@ pub struct Released {
     /// (0 otherwise). The local queue uses it to step aside for them.
     pub notified: u64,
     /// Whether a waiter elsewhere had been refused the lock since it was last released
-    /// (it left a mark), whether or not it could be told. The local queue then steps
-    /// aside long enough for a waiter that polls on its backoff.
-    pub others_waiting: bool,
+    /// (it left a mark) and is not known to hear of releases (notifications are off or
+    /// failing here, and so presumably there): it retries on its backoff, and the local
+    /// queue steps aside long enough for that.
+    pub unnotified_waiters: bool,
 }
 
 /// A backend could not answer: the request gets 503, never an unlocked handler

@@ -153,6 +153,11 @@ impl Notifier {
         self.state().listens_on(channel)
     }
 
+    /// Whether subscriptions work: none failed since the last success.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.state().failures == 0
+    }
+
     /// Releases heard on `channel` so far.
     pub(crate) fn epoch(&self, channel: &str) -> u64 {
         self.state().channels.get(channel).map_or(0, |c| c.epoch)

@@ -233,7 +233,12 @@ impl RedisBackend {
         Ok(Released {
             was_held: reply.0 == 1,
             notified: reply.1.saturating_sub(u64::from(ours)),
-            others_waiting: reply.2 == 1,
+            // A marked waiter that was not told either polls (notifications off or
+            // failing), or is between its refusal and its subscription, after which it
+            // retries at once.
+            unnotified_waiters: reply.2 == 1
+                && reply.1 == 0
+                && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
         })
     }
 

@@ -181,7 +181,7 @@ impl LockBackend for RedlockBackend {
                 Ok(node) => {
                     held_on += usize::from(node.was_held);
                     released.notified += node.notified;
-                    released.others_waiting |= node.others_waiting;
+                    released.unnotified_waiters |= node.unnotified_waiters;
                 }
                 Err(err) => failures.push(err),
             }
