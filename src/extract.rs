@@ -8,7 +8,7 @@ use axum::{
 };
 use http::{StatusCode, request::Parts};
 
-use crate::{Held, LockBackend, LockRejection, Locker};
+use crate::{backend::LockBackend, held::Held, locker::Locker, rejection::LockRejection};
 
 impl<S: Send + Sync> FromRequestParts<S> for Held {
     type Rejection = MissingLock;

@@ -1,8 +1,94 @@
-#![cfg_attr(all(feature = "redis", feature = "axum"), doc = include_str!("../README.md"))]
-#![cfg_attr(
-    not(all(feature = "redis", feature = "axum")),
-    doc = "Per-request distributed locks for tower and axum services. See README.md."
-)]
+//! Per-request distributed locks for [tower] and [axum] services, on Redis.
+//!
+//! A [`LockLayer`] derives a lock key from each request (an order id in the path, a
+//! header, a tenant…), takes the lock with a bounded wait before the inner service runs,
+//! answers `409 Conflict` (or `423 Locked`) with `Retry-After` when the lock stays
+//! contended, renews the lease while the handler runs, and releases the lock when the
+//! response is ready or the request is dropped. Handlers see the lock through the
+//! [`Held`] extractor; a [`Locker`] takes further locks inside a handler, for keys the
+//! layer cannot know.
+//!
+//! # Quickstart
+//!
+//! ```
+//! # #[cfg(feature = "axum")]
+//! # async fn run() {
+//! use std::time::Duration;
+//! use axum::{Router, routing::post};
+//! use tower_redis_lock::{Held, InMemoryBackend, LockLayer, PathParam};
+//!
+//! async fn pay(lock: Held) -> String {
+//!     // Pass `lock.fencing_token()` to the storage you write (see `Held::fencing_token`).
+//!     format!("paid under {}", lock.key())
+//! }
+//!
+//! // `RedisBackend::from_url("redis://127.0.0.1:6379")?` in production; the in-process
+//! // backend has the same semantics within one process.
+//! let app: Router = Router::new()
+//!     .route("/orders/{order_id}/pay", post(pay))
+//!     .route_layer(
+//!         LockLayer::new(InMemoryBackend::new(), PathParam::new("order_id"))
+//!             .key_prefix("order:")
+//!             .max_wait(Duration::from_millis(500)) // then 409 with Retry-After
+//!             .ttl(Duration::from_secs(10)),         // renewed while `pay` runs
+//!     );
+//! # let _ = app;
+//! # }
+//! ```
+//!
+//! # A map of the crate
+//!
+//! | you want | use |
+//! |---|---|
+//! | lock each request of a route | [`LockLayer`] (built on a [`Locker`]: [`LockLayer::new`], [`Locker::layer`]) |
+//! | the key from the path, a header, the query, or a closure | [`PathParam`], [`HeaderKey`], [`QueryParam`], any `Fn(&Parts) -> Option<K>` ([`MakeLockKey`], [`LockLayer::from_fn`]) |
+//! | the lock inside the handler: key, tokens, lease, loss | [`Held`] (an axum extractor) |
+//! | a lock taken inside a handler | [`Locker::lock`] → [`OwnedLock`] |
+//! | what happens on contention, missing keys, failures, loss | [`LockRejection`], [`MissingKey`], [`FailMode`], [`LossPolicy`] |
+//! | where locks live | [`RedisBackend`] (one server or a Cluster), [`RedlockBackend`] (majority of independent servers), [`InMemoryBackend`] (one process); your own: [`LockBackend`] |
+//! | safe client retries | [`idempotency::IdempotencyLayer`] |
+//!
+//! # Guarantees and their conditions
+//!
+//! - Owner tokens are fresh UUIDs; release and extend are compare-and-act Lua scripts, so
+//!   a holder never deletes or extends someone else's lock.
+//! - The lease is tracked on the client's monotonic clock minus a drift margin (1 % of the
+//!   ttl + 2 ms); past it the lock counts as lost even when Redis cannot be asked. Under
+//!   [`LossPolicy::Abort`] the handler is dropped and the client gets 503.
+//! - A lock alone cannot stop a holder that stalled past its lease from writing late:
+//!   fencing tokens ([`Held::fencing_token`], [`RedisBackend::fencing`]) can, if the
+//!   storage checks them.
+//! - What the server must give (no eviction of keys with a TTL, durable counters for
+//!   fencing, hosts that are not suspended) is in the README's "What the environment must
+//!   give"; the backend warns about eviction policies it sees.
+//!
+//! # Metrics and tracing
+//!
+//! Every locked request runs in a `lock` span (`key`, `class`, `outcome`, `wait_ms`). With
+//! the `metrics` feature the crate records, labelled by class (never by key):
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `lock_requests_total` | counter | `class`, `outcome` = acquired, contended, unavailable, no_key, invalid_key, already_held |
+//! | `lock_lost_total` | counter | `class` |
+//! | `lock_wait_seconds` | histogram | `class` |
+//! | `lock_hold_seconds` | histogram | `class` |
+//! | `lock_renewals_total` | counter | `result` = ok, failed |
+//! | `lock_hand_offs_total` | counter | |
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `redis` | yes | [`RedisBackend`], [`RedlockBackend`], over deadpool-redis |
+//! | `cluster` | no | [`RedisBackend::cluster`], over a deadpool-redis Cluster pool |
+//! | `axum` | yes | the [`Held`] and [`Locker`] extractors, [`PathParam`], `IntoResponse` for rejections |
+//! | `idempotency` | yes | [`idempotency::IdempotencyLayer`] |
+//! | `metrics` | yes | counters and histograms through the `metrics` facade |
+//!
+//! [tower]: https://docs.rs/tower
+//! [axum]: https://docs.rs/axum
+
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -10,48 +96,44 @@
     unreachable_pub,
     clippy::await_holding_lock
 )]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod acquire;
 pub mod backend;
-mod config;
-mod future;
-mod guard;
+mod held;
+#[cfg(feature = "idempotency")]
+#[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
 pub mod idempotency;
 mod key;
-mod layer;
+mod lease;
+mod line;
 mod locker;
+mod middleware;
 mod observe;
-mod queue;
+mod policy;
 mod rejection;
-mod service;
-mod watchdog;
 
 #[cfg(feature = "axum")]
 mod extract;
 
 pub use crate::{
-    backend::{Acquire, BackendError, InMemoryBackend, LockBackend, Released},
-    config::{
-        DEFAULT_BACKOFF_BASE, DEFAULT_BACKOFF_MAX, DEFAULT_MAX_HAND_OFFS, DEFAULT_MAX_KEY_LEN,
-        DEFAULT_MAX_WAIT, DEFAULT_RELEASE_TIMEOUT, DEFAULT_RETRY_AFTER, DEFAULT_TTL, FailMode,
-        LossPolicy, MissingKey,
-    },
-    future::ResponseFuture,
-    guard::Held,
+    backend::{BackendError, InMemoryBackend, LockBackend},
+    held::Held,
     key::{HeaderKey, LockKey, MakeLockKey, QueryParam},
-    layer::LockLayer,
     locker::{Locker, OwnedLock},
-    rejection::{InvalidKey, LockRejection, retry_after_secs},
-    service::Lock,
+    middleware::{Lock, LockLayer, ResponseFuture},
+    policy::{FailMode, LossPolicy, MissingKey},
+    rejection::{InvalidKey, LockRejection},
 };
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::backend::{RedisBackend, RedlockBackend};
 
 #[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use crate::{extract::MissingLock, key::PathParam};
 
 /// The deadpool-redis crate this one is built against, for pools of matching versions.
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use deadpool_redis;

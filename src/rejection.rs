@@ -147,7 +147,7 @@ pub(crate) fn problem(
 }
 
 /// `Retry-After` in whole seconds: rounded up, and at least 1 (a 0 invites a retry storm).
-pub fn retry_after_secs(after: Duration) -> u64 {
+pub(crate) fn retry_after_secs(after: Duration) -> u64 {
     let secs = after
         .as_secs()
         .saturating_add(u64::from(after.subsec_nanos() > 0));

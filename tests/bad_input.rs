@@ -13,7 +13,9 @@ use axum::{Router, routing::post};
 use deadpool_redis::redis::cmd;
 use http::{HeaderName, HeaderValue, StatusCode};
 use support::{RedisServer, pool, serve};
-use tower_redis_lock::{Acquire, HeaderKey, LockBackend, LockKey, LockLayer, RedisBackend};
+use tower_redis_lock::{
+    HeaderKey, LockBackend, LockKey, LockLayer, RedisBackend, backend::Acquire,
+};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use axum::{
 use http::StatusCode;
 use support::{APP_TIMEOUT, Counter, Harness, app, eventually, serve};
 use tower_redis_lock::{
-    Acquire, Held, LockBackend, LockKey, LockLayer, LockRejection, Locker, PathParam,
+    Held, LockBackend, LockKey, LockLayer, LockRejection, Locker, PathParam, backend::Acquire,
 };
 use uuid::Uuid;
 
@@ -88,7 +88,7 @@ async fn contended(harness: &impl Harness, status: StatusCode) {
     let router = app(harness.instance(), harness.counter(), |layer| {
         layer
             .max_wait(Duration::from_millis(100))
-            .retry_after(Duration::from_secs(60))
+            .retry_after_cap(Duration::from_secs(60))
             .contended_status(status)
     });
     let url = serve(router).await;
@@ -531,14 +531,14 @@ async fn locker_in_a_handler<H: Harness>(harness: &H) {
     }
     async fn under_layer<B: LockBackend>(locker: Locker<B>) -> Result<&'static str, LockRejection> {
         // The layer holds `acct:7` for this request already.
-        locker.lock("7").await?;
+        let _lock = locker.lock("7").await?;
         Ok("unreachable")
     }
 
     let locker = Locker::new(harness.instance())
         .key_prefix("acct:")
         .max_wait(Duration::from_millis(300))
-        .retry_after(Duration::from_secs(30));
+        .retry_after_cap(Duration::from_secs(30));
     let counter = harness.counter();
     let router = Router::new()
         .route("/transfer", post(transfer::<H::Backend>))

@@ -15,7 +15,7 @@ use std::{
 use deadpool_redis::{Runtime, redis};
 use http::StatusCode;
 use support::{Counter, app, redis_server::RedisCluster, serve};
-use tower_redis_lock::{Acquire, LockBackend, LockKey, Locker, RedisBackend};
+use tower_redis_lock::{LockBackend, LockKey, Locker, RedisBackend, backend::Acquire};
 use uuid::Uuid;
 
 /// An app instance's backend on the cluster, hearing releases through one node.

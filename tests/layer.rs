@@ -12,8 +12,8 @@ use axum::{
 use http::{HeaderName, Request, Response, StatusCode, request::Parts};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_redis_lock::{
-    Acquire, FailMode, HeaderKey, Held, InMemoryBackend, LockBackend, LockKey, LockLayer,
-    MissingKey, PathParam, QueryParam,
+    FailMode, HeaderKey, Held, InMemoryBackend, LockBackend, LockKey, LockLayer, MissingKey,
+    PathParam, QueryParam, backend::Acquire,
 };
 use uuid::Uuid;
 
@@ -331,7 +331,7 @@ async fn backend_failure_answers_503_or_fails_open() {
             &self,
             _: &LockKey,
             _: Uuid,
-        ) -> Result<tower_redis_lock::Released, tower_redis_lock::BackendError> {
+        ) -> Result<tower_redis_lock::backend::Released, tower_redis_lock::BackendError> {
             Ok(Default::default())
         }
         async fn extend(

@@ -16,7 +16,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use support::{RedisServer, pool};
 use tower::ServiceExt;
 use tower_redis_lock::{
-    Acquire, InMemoryBackend, LockBackend, LockKey, LockLayer, Locker, PathParam, RedisBackend,
+    InMemoryBackend, LockBackend, LockKey, LockLayer, Locker, PathParam, RedisBackend,
+    backend::Acquire,
 };
 use tracing_subscriber::fmt::format::FmtSpan;
 use uuid::Uuid;

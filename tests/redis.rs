@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use deadpool_redis::redis::cmd;
 use http::StatusCode;
 use support::{Counter, RedisServer, app, pool, serve};
-use tower_redis_lock::{Acquire, LockBackend, LockKey, RedisBackend};
+use tower_redis_lock::{LockBackend, LockKey, RedisBackend, backend::Acquire};
 use uuid::Uuid;
 
 fn backend(server: &RedisServer) -> RedisBackend {
@@ -163,7 +163,7 @@ async fn foreign_key_without_ttl_is_contended_with_the_hint() {
         |layer| {
             layer
                 .max_wait(Duration::from_millis(100))
-                .retry_after(Duration::from_secs(3))
+                .retry_after_cap(Duration::from_secs(3))
         },
     );
     let url = serve(router).await;
@@ -224,7 +224,7 @@ async fn every_duration_setting_takes_its_extremes() {
                     .ttl(forever)
                     .max_wait(forever)
                     .backoff(forever, forever)
-                    .retry_after(forever)
+                    .retry_after_cap(forever)
                     .release_timeout(forever)
                     .renew_every(forever)
             },
@@ -252,7 +252,7 @@ async fn every_duration_setting_takes_its_extremes() {
                 .ttl(Duration::from_millis(10))
                 .max_wait(Duration::ZERO)
                 .backoff(Duration::from_nanos(1), Duration::from_nanos(1))
-                .retry_after(Duration::ZERO)
+                .retry_after_cap(Duration::ZERO)
                 .release_timeout(Duration::ZERO)
                 .renew_every(Duration::from_nanos(1))
         },
@@ -264,7 +264,7 @@ async fn every_duration_setting_takes_its_extremes() {
     let hinted = serve(app(
         backend(&server),
         Counter::Local(Default::default()),
-        |layer| layer.max_wait(Duration::ZERO).retry_after(forever),
+        |layer| layer.max_wait(Duration::ZERO).retry_after_cap(forever),
     ))
     .await;
     let contended = pay(&hinted, "x", "").await;

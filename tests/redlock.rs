@@ -9,7 +9,7 @@ use deadpool_redis::redis::cmd;
 use http::StatusCode;
 use support::{Counter, Harness, Redlock, app, pool, proxy::Proxy, redis_node, serve};
 use tower_redis_lock::{
-    Acquire, BackendError, LockBackend, LockKey, Locker, RedisBackend, RedlockBackend,
+    BackendError, LockBackend, LockKey, Locker, RedisBackend, RedlockBackend, backend::Acquire,
 };
 use uuid::Uuid;
 

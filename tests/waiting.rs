@@ -13,7 +13,7 @@ use std::{
 
 use deadpool_redis::redis::{self, cmd};
 use support::{RedisServer, eventually, pool};
-use tower_redis_lock::{Acquire, LockBackend, LockKey, Locker, RedisBackend};
+use tower_redis_lock::{LockBackend, LockKey, Locker, RedisBackend, backend::Acquire};
 use uuid::Uuid;
 
 /// An app instance's backend: its own pool and its own subscriber connection.

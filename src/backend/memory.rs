@@ -11,10 +11,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{Acquire, BackendError, LockBackend, Released};
-use crate::LockKey;
 use crate::{
-    guard::saturating_add,
     idempotency::{ResponseStore, StoredResponse},
+    key::LockKey,
+    lease::saturating_add,
 };
 
 /// A backend that keeps locks in this process, with the same semantics as Redis: owner
@@ -167,6 +167,7 @@ impl LockBackend for InMemoryBackend {
     }
 }
 
+#[cfg(feature = "idempotency")]
 impl ResponseStore for InMemoryBackend {
     fn load(
         &self,

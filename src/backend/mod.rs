@@ -7,7 +7,7 @@ use std::{future::Future, time::Duration};
 
 use uuid::Uuid;
 
-use crate::LockKey;
+use crate::key::LockKey;
 
 #[cfg(feature = "redis")]
 mod connection;

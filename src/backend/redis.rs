@@ -18,8 +18,8 @@ use super::{
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
 use crate::{
-    LockKey,
     idempotency::{ResponseStore, StoredResponse},
+    key::LockKey,
 };
 
 /// Default namespace of the Redis keys.
@@ -438,6 +438,7 @@ impl LockBackend for RedisBackend {
 
 /// Responses are hashes `{fingerprint, status, headers (JSON), body}` with an expiry,
 /// written in one `MULTI`.
+#[cfg(feature = "idempotency")]
 impl ResponseStore for RedisBackend {
     async fn load(&self, key: &LockKey) -> Result<Option<StoredResponse>, BackendError> {
         let mut pipeline = deadpool_redis::redis::pipe();

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{Acquire, BackendError, LockBackend, Released, redis::RedisBackend};
-use crate::{LockKey, guard::drift};
+use crate::{key::LockKey, lease::drift};
 
 /// Default bound on each node's answer during an acquisition: a node slower than this is
 /// counted as a refusal rather than allowed to eat into the lease.

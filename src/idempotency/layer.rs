@@ -23,7 +23,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{ResponseStore, StoredResponse};
-use crate::{LockBackend, LockKey, LockRejection, Locker, rejection::problem};
+use crate::{
+    backend::LockBackend,
+    key::LockKey,
+    locker::Locker,
+    rejection::{LockRejection, problem},
+};
 
 /// Default time a response is kept for replay.
 pub const DEFAULT_RESPONSE_TTL: Duration = Duration::from_secs(24 * 3600);

@@ -4,7 +4,7 @@ use std::{future::Future, time::Duration};
 
 use bytes::Bytes;
 
-use crate::{BackendError, LockKey};
+use crate::{backend::BackendError, key::LockKey};
 
 /// A response kept for replay, with the fingerprint of the request that produced it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,7 +3,8 @@
 //! The watchdog is polled, not spawned: the layer's response future polls it beside the
 //! inner service, so it costs no task and stops the instant the future completes or is
 //! dropped. [`OwnedLock`](crate::OwnedLock), which has no future of its own to ride on,
-//! runs it in a task.
+//! runs it in a task. After the holder is done, [`loss_on_release`] judges from the
+//! release's answer what the watchdog could not see (a handler that blocked its thread).
 
 use std::{
     future::Future,
@@ -14,10 +15,11 @@ use std::{
 
 use tokio::time::{Instant, Sleep};
 
+use super::guard::ReleaseOutcome;
 use crate::{
-    Held, LockBackend,
-    backend::BackendError,
-    guard::{ReleaseOutcome, drift, saturating_add},
+    backend::{BackendError, LockBackend},
+    held::Held,
+    lease::{drift, saturating_add},
     observe,
 };
 

@@ -1,4 +1,4 @@
-//! The response future of [`Lock`](crate::Lock): acquire, call, release.
+//! The response future of [`Lock`](super::Lock): acquire, call, release.
 
 use std::{
     fmt,
@@ -14,30 +14,35 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 
+use super::layer::LayerSettings;
 use crate::{
-    Held, LockBackend,
-    acquire::{AcquireError, Acquired},
-    config::{FailMode, LockConfig, LossPolicy},
-    guard::{LockGuard, ReleaseOutcome},
+    backend::LockBackend,
+    held::Held,
+    locker::{Acquired, LockGuard, Locker, ReleaseOutcome, Watchdog, loss_on_release, note_loss},
     observe::{self, Outcome},
-    watchdog::{Watchdog, loss_on_release, note_loss},
+    policy::{FailMode, LossPolicy},
+    rejection::LockRejection,
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// The wait for the lock, handing back the locker it ran on.
+pub(crate) type Acquisition<Backend> =
+    BoxFuture<(Locker<Backend>, Result<Acquired<Backend>, LockRejection>)>;
+
 pin_project! {
-    /// Response future of [`Lock`](crate::Lock).
+    /// Response future of [`Lock`](super::Lock).
     ///
     /// Dropping it at any point releases what it may hold: during the wait, a lock whose
     /// acquire reply was not seen yet; during the call or the release, the lock itself.
-    pub struct ResponseFuture<S, B, ReqBody>
+    pub struct ResponseFuture<S, Backend, ReqBody>
     where
         S: Service<Request<ReqBody>>,
-        B: LockBackend,
+        Backend: LockBackend,
     {
         #[pin]
-        state: State<S, B, ReqBody>,
-        config: Arc<LockConfig>,
+        state: State<S, Backend, ReqBody>,
+        settings: Arc<LayerSettings>,
         span: tracing::Span,
         started: Instant,
     }
@@ -45,14 +50,14 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, B, ReqBody>
+    enum State<S, Backend, ReqBody>
     where
         S: Service<Request<ReqBody>>,
-        B: LockBackend,
+        Backend: LockBackend,
     {
         // Waiting for the lock. The service was polled ready before the wait began.
         Acquiring {
-            acquire: BoxFuture<Result<Acquired<B>, AcquireError>>,
+            acquire: Acquisition<Backend>,
             service: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -60,17 +65,18 @@ pin_project! {
         Calling {
             #[pin]
             future: S::Future,
-            guard: Option<LockGuard<B>>,
+            locker: Locker<Backend>,
+            guard: Option<LockGuard<Backend>>,
             // `None` once it reported the loss (under `Signal`, the handler goes on).
-            watchdog: Option<Watchdog<B>>,
+            watchdog: Option<Watchdog<Backend>>,
             held: Held,
-            acquired_at: Instant,
         },
         // The response is ready; the release is awaited (bounded) before it goes out, and
         // its answer says whether the lock was still ours.
         Releasing {
             release: BoxFuture<ReleaseOutcome>,
             output: Option<Result<S::Response, S::Error>>,
+            locker: Locker<Backend>,
             held: Held,
             // The lease deadline had passed when the handler finished.
             ran_out: bool,
@@ -87,16 +93,16 @@ pin_project! {
     }
 }
 
-impl<S, B, ReqBody> ResponseFuture<S, B, ReqBody>
+impl<S, Backend, ReqBody> ResponseFuture<S, Backend, ReqBody>
 where
     S: Service<Request<ReqBody>>,
-    B: LockBackend,
+    Backend: LockBackend,
 {
     pub(crate) fn acquiring(
-        acquire: BoxFuture<Result<Acquired<B>, AcquireError>>,
+        acquire: Acquisition<Backend>,
         service: S,
         request: Request<ReqBody>,
-        config: Arc<LockConfig>,
+        settings: Arc<LayerSettings>,
         span: tracing::Span,
     ) -> Self {
         let state = State::Acquiring {
@@ -104,43 +110,38 @@ where
             service: Some(service),
             request: Some(request),
         };
-        let started = Instant::now();
-        Self {
-            state,
-            config,
-            span,
-            started,
-        }
+        Self::with_state(state, settings, span)
     }
 
-    pub(crate) fn unlocked(future: S::Future, config: Arc<LockConfig>) -> Self {
-        let (span, started) = (tracing::Span::none(), Instant::now());
-        Self {
-            state: State::Unlocked { future },
-            config,
-            span,
-            started,
-        }
+    pub(crate) fn unlocked(future: S::Future, settings: Arc<LayerSettings>) -> Self {
+        Self::with_state(State::Unlocked { future }, settings, tracing::Span::none())
     }
 
-    pub(crate) fn rejected(response: S::Response, config: Arc<LockConfig>) -> Self {
-        let (span, started) = (tracing::Span::none(), Instant::now());
+    pub(crate) fn rejected(response: S::Response, settings: Arc<LayerSettings>) -> Self {
         let state = State::Rejected {
             response: Some(response),
         };
+        Self::with_state(state, settings, tracing::Span::none())
+    }
+
+    fn with_state(
+        state: State<S, Backend, ReqBody>,
+        settings: Arc<LayerSettings>,
+        span: tracing::Span,
+    ) -> Self {
         Self {
             state,
-            config,
+            settings,
             span,
-            started,
+            started: Instant::now(),
         }
     }
 }
 
-impl<S, B, ReqBody, ResBody> Future for ResponseFuture<S, B, ReqBody>
+impl<S, Backend, ReqBody, ResBody> Future for ResponseFuture<S, Backend, ReqBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    B: LockBackend,
+    Backend: LockBackend,
     ResBody: From<Bytes>,
 {
     type Output = Result<Response<ResBody>, S::Error>;
@@ -155,70 +156,60 @@ where
                     service,
                     request,
                 } => {
-                    let outcome = ready!(acquire.as_mut().poll(cx));
+                    let (locker, outcome) = ready!(acquire.as_mut().poll(cx));
                     let mut service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
-                    let waited = this.started.elapsed();
-                    this.span.record("wait_ms", waited.as_secs_f64() * 1e3);
+                    this.span
+                        .record("wait_ms", this.started.elapsed().as_secs_f64() * 1e3);
                     let next = match outcome {
                         Ok(Acquired { guard, held }) => {
                             this.span.record("outcome", Outcome::Acquired.as_str());
-                            observe::outcome(&this.config.class, Outcome::Acquired);
-                            observe::waited(&this.config.class, waited);
-                            let acquired_at = held.acquired_at();
-                            let watchdog = Some(Watchdog::new(
-                                guard.backend().clone(),
-                                held.clone(),
-                                this.config.wait.ttl,
-                                this.config.renew_every(),
-                            ));
+                            let watchdog = Some(locker.watchdog(&held));
                             request.extensions_mut().insert(held.clone());
-                            let future = service.call(request);
                             State::Calling {
-                                future,
+                                future: service.call(request),
+                                locker,
                                 guard: Some(guard),
                                 watchdog,
                                 held,
-                                acquired_at,
                             }
                         }
-                        Err(AcquireError::Unavailable(err))
-                            if this.config.fail_mode == FailMode::Open =>
+                        Err(LockRejection::Unavailable { source, .. })
+                            if this.settings.fail_mode == FailMode::Open =>
                         {
-                            tracing::warn!(error = %err, "lock backend failed; serving unlocked (fail-open)");
+                            tracing::warn!(error = %source, "lock backend failed; serving unlocked (fail-open)");
                             this.span.record("outcome", Outcome::Unavailable.as_str());
-                            observe::outcome(&this.config.class, Outcome::Unavailable);
                             State::Unlocked {
                                 future: service.call(request),
                             }
                         }
-                        Err(err) => {
-                            let rejection = this.config.rejection(err);
+                        Err(rejection) => {
                             this.span.record("outcome", rejection.outcome().as_str());
-                            return Poll::Ready(Ok(this.config.respond(&rejection)));
+                            return Poll::Ready(Ok(this.settings.respond(&rejection)));
                         }
                     };
                     this.state.set(next);
                 }
                 StateProj::Calling {
                     future,
+                    locker,
                     guard,
                     watchdog,
                     held,
-                    acquired_at,
                 } => {
                     // The lease first: a handler is not polled on past a lost lock.
                     if let Some(Poll::Ready(loss)) = watchdog.as_mut().map(|w| w.poll_lost(cx)) {
                         *watchdog = None;
-                        observe::lost(&this.config.class);
-                        if this.config.loss_policy == LossPolicy::Abort {
+                        observe::lost(locker.class());
+                        if this.settings.loss_policy == LossPolicy::Abort {
                             // Dropping the state drops the handler's future; the guard
                             // still releases, in case the lease was merely unreachable.
-                            let rejection = this.config.loss(loss);
+                            let rejection =
+                                LayerSettings::loss(loss, locker.settings().retry_after_cap);
                             this.span.record("outcome", Outcome::Lost.as_str());
-                            observe::held(&this.config.class, acquired_at.elapsed());
+                            observe::held(locker.class(), held.acquired_at().elapsed());
                             this.state.set(State::Rejected { response: None });
-                            return Poll::Ready(Ok(this.config.respond(&rejection)));
+                            return Poll::Ready(Ok(this.settings.respond(&rejection)));
                         }
                         // `Signal`: the handler was told through `Held`; it decides.
                     }
@@ -226,13 +217,15 @@ where
                     // A handler that blocked its thread past the lease and finished in
                     // the same poll got past the watchdog: look at the deadline now.
                     let ran_out = held.is_lost();
-                    observe::held(&this.config.class, acquired_at.elapsed());
+                    observe::held(locker.class(), held.acquired_at().elapsed());
                     let guard = guard.take().expect("polled after completion");
-                    let release = Box::pin(guard.release(this.config.release_timeout));
-                    let held = held.clone();
+                    let timeout = locker.settings().release_timeout;
+                    let release = Box::pin(guard.release(timeout));
+                    let (locker, held) = (locker.clone(), held.clone());
                     this.state.set(State::Releasing {
                         release,
                         output: Some(output),
+                        locker,
                         held,
                         ran_out,
                     });
@@ -240,6 +233,7 @@ where
                 StateProj::Releasing {
                     release,
                     output,
+                    locker,
                     held,
                     ran_out,
                 } => {
@@ -248,14 +242,15 @@ where
                     // A loss the watchdog reported was handled in `Calling`; this one was
                     // found only now, after the handler answered.
                     if let Some(loss) = loss_on_release(outcome, *ran_out)
-                        && note_loss(held, &this.config.class, loss)
+                        && note_loss(held, locker.class(), loss)
                     {
                         this.span.record("outcome", Outcome::Lost.as_str());
-                        if this.config.loss_policy == LossPolicy::Abort {
+                        if this.settings.loss_policy == LossPolicy::Abort {
                             // The handler's answer is dropped: it was made without the lock.
                             drop(output);
-                            let rejection = this.config.loss(loss);
-                            return Poll::Ready(Ok(this.config.respond(&rejection)));
+                            let rejection =
+                                LayerSettings::loss(loss, locker.settings().retry_after_cap);
+                            return Poll::Ready(Ok(this.settings.respond(&rejection)));
                         }
                     }
                     return Poll::Ready(output);
@@ -269,10 +264,10 @@ where
     }
 }
 
-impl<S, B, ReqBody> fmt::Debug for ResponseFuture<S, B, ReqBody>
+impl<S, Backend, ReqBody> fmt::Debug for ResponseFuture<S, Backend, ReqBody>
 where
     S: Service<Request<ReqBody>>,
-    B: LockBackend,
+    Backend: LockBackend,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {

@@ -1,18 +1,20 @@
 //! The bounded wait: attempt, back off, attempt again until the deadline.
 //!
-//! Kept apart from the response future so that smarter waiting (release notifications,
-//! local queues) changes this module and the backends, not the layer.
+//! Kept apart from the faces (layer, in-handler locks) so that smarter waiting (release
+//! notifications, the local line) changes this module and the backends, not them.
 
 use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::guard::{HandOff, LockGuard, LockLine};
 use crate::{
-    Held, LockBackend, LockKey,
-    backend::{Acquire, BackendError},
-    guard::{LockGuard, saturating_add},
-    queue::{Entry, Grant, HandOff, LocalQueues, StepAside},
+    backend::{Acquire, BackendError, LockBackend},
+    held::Held,
+    key::LockKey,
+    lease::saturating_add,
+    line::{Entry, Grant, StepAside},
 };
 
 /// Exponential backoff with full jitter: attempt `n` sleeps a uniformly random time in
@@ -69,7 +71,7 @@ pub(crate) async fn acquire<B: LockBackend>(
     backend: B,
     key: LockKey,
     policy: WaitPolicy,
-    queues: Option<Arc<LocalQueues<B>>>,
+    queues: Option<Arc<LockLine<B>>>,
 ) -> Result<Acquired<B>, AcquireError> {
     let deadline = saturating_add(Instant::now(), policy.max_wait);
     let Some(queues) = queues else {
@@ -115,7 +117,7 @@ async fn from_backend<B: LockBackend>(
     mut guard: LockGuard<B>,
     policy: WaitPolicy,
     deadline: Instant,
-    queue: Option<Arc<LocalQueues<B>>>,
+    queue: Option<Arc<LockLine<B>>>,
 ) -> Result<Acquired<B>, AcquireError> {
     // The guard is armed whenever an attempt might have taken the lock without us
     // knowing: if this future is dropped or gives up then, it releases the token in the
@@ -229,7 +231,7 @@ async fn take_over<B: LockBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::InMemoryBackend;
+    use crate::backend::InMemoryBackend;
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter() {
@@ -301,5 +303,202 @@ mod tests {
         first.guard.disarm(); // let it expire instead of releasing
         let second = acquire(backend.clone(), key, policy(Duration::from_secs(2)), None).await;
         assert!(second.is_ok());
+    }
+}
+
+#[cfg(test)]
+mod line_tests {
+    //! The local line and hand-offs, driven through `acquire` on the in-process backend.
+    use std::{
+        sync::{
+            Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::Duration,
+    };
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::{
+        backend::{InMemoryBackend, Released},
+        line::Line,
+    };
+
+    /// The in-process backend, counting the calls that reach it.
+    #[derive(Clone, Default)]
+    struct Counting {
+        inner: InMemoryBackend,
+        acquires: Arc<AtomicUsize>,
+        releases: Arc<AtomicUsize>,
+    }
+
+    impl LockBackend for Counting {
+        async fn try_acquire(
+            &self,
+            key: &LockKey,
+            token: Uuid,
+            ttl: Duration,
+        ) -> Result<Acquire, BackendError> {
+            self.acquires.fetch_add(1, Ordering::SeqCst);
+            self.inner.try_acquire(key, token, ttl).await
+        }
+        async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            self.inner.release(key, token).await
+        }
+        async fn extend(
+            &self,
+            key: &LockKey,
+            token: Uuid,
+            ttl: Duration,
+        ) -> Result<bool, BackendError> {
+            self.inner.extend(key, token, ttl).await
+        }
+    }
+
+    fn policy() -> WaitPolicy {
+        WaitPolicy {
+            ttl: Duration::from_secs(10),
+            max_wait: Duration::from_secs(60),
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_millis(250),
+            },
+            renews: true,
+        }
+    }
+
+    /// Twenty requests for one key, arriving one after another while it is held: they get
+    /// it in arrival order, each from its predecessor, with one backend acquire and, at
+    /// the cap, a release.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_get_the_lock_in_arrival_order() {
+        let backend = Counting::default();
+        let queues = Line::new(100);
+        let key = LockKey::from("hot");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let first = acquire(backend.clone(), key.clone(), policy(), Some(queues.clone())).await;
+        let first = first.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let (backend, key, queues, order) =
+                (backend.clone(), key.clone(), queues.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let acquired = acquire(backend, key, policy(), Some(queues)).await.unwrap();
+                order.lock().unwrap().push(i);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                acquired.guard.release(Duration::from_secs(1)).await;
+            }));
+            tokio::task::yield_now().await; // let it join the line before the next comes
+        }
+        first.guard.release(Duration::from_secs(1)).await;
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), (0..20).collect::<Vec<_>>());
+        assert_eq!(
+            backend.acquires.load(Ordering::SeqCst),
+            1,
+            "hand-offs need no backend call"
+        );
+        assert_eq!(backend.releases.load(Ordering::SeqCst), 1);
+        assert_eq!(queues.busy_keys(), 0);
+        assert_eq!(backend.inner.held_count(), 0);
+    }
+
+    /// With a cap of 2, the lock goes back to the backend after every third holder.
+    #[tokio::test(start_paused = true)]
+    async fn hand_offs_stop_at_the_cap() {
+        let backend = Counting::default();
+        let queues = Line::new(2);
+        let key = LockKey::from("hot");
+        let first = acquire(backend.clone(), key.clone(), policy(), Some(queues.clone()))
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (backend, key, queues) = (backend.clone(), key.clone(), queues.clone());
+                tokio::spawn(async move {
+                    let acquired = acquire(backend, key, policy(), Some(queues)).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    acquired.guard.release(Duration::from_secs(1)).await;
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        first.guard.release(Duration::from_secs(1)).await;
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // 9 holders in runs of 3: 3 acquires and 3 releases in the backend.
+        assert_eq!(backend.acquires.load(Ordering::SeqCst), 3);
+        assert_eq!(backend.releases.load(Ordering::SeqCst), 3);
+        assert_eq!(queues.busy_keys(), 0);
+    }
+
+    /// A waiter whose request is dropped leaves the line and never receives the lock; the
+    /// one behind it gets it.
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_waiters_leave_the_line() {
+        let backend = Counting::default();
+        let queues = Line::new(8);
+        let key = LockKey::from("hot");
+        let first = acquire(backend.clone(), key.clone(), policy(), Some(queues.clone()))
+            .await
+            .unwrap();
+        let cancelled = tokio::spawn(acquire(
+            backend.clone(),
+            key.clone(),
+            policy(),
+            Some(queues.clone()),
+        ));
+        tokio::task::yield_now().await;
+        let next = tokio::spawn(acquire(
+            backend.clone(),
+            key.clone(),
+            policy(),
+            Some(queues.clone()),
+        ));
+        tokio::task::yield_now().await;
+        cancelled.abort();
+        assert!(cancelled.await.is_err_and(|err| err.is_cancelled()));
+        first.guard.release(Duration::from_secs(1)).await;
+        let next = next.await.unwrap().unwrap();
+        assert_eq!(next.held.key(), &key);
+        drop(next);
+        tokio::task::yield_now().await;
+        assert_eq!(queues.busy_keys(), 0);
+        assert_eq!(
+            backend.inner.held_count(),
+            0,
+            "the lock outlived its last holder"
+        );
+    }
+
+    /// A waiter that runs out of time leaves the line with "contended", and the line goes on.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_past_its_deadline_gives_up_its_place() {
+        let backend = Counting::default();
+        let queues = Line::new(8);
+        let key = LockKey::from("hot");
+        let first = acquire(backend.clone(), key.clone(), policy(), Some(queues.clone()))
+            .await
+            .unwrap();
+        let impatient = WaitPolicy {
+            max_wait: Duration::from_millis(100),
+            ..policy()
+        };
+        let gave_up = acquire(
+            backend.clone(),
+            key.clone(),
+            impatient,
+            Some(queues.clone()),
+        )
+        .await;
+        assert!(matches!(gave_up, Err(AcquireError::Contended { .. })));
+        first.guard.release(Duration::from_secs(1)).await;
+        assert_eq!(queues.busy_keys(), 0);
+        assert_eq!(backend.inner.held_count(), 0);
     }
 }
