@@ -107,8 +107,24 @@ impl SharedConnection {
         if !self.checked.swap(true, Ordering::Relaxed)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            // In the background: the operation that connected is not kept waiting.
-            runtime.spawn(environment::check(fresh.clone()));
+            // In the background and on a connection of its own (back to the pool after):
+            // the operation that connected is not kept waiting, not even behind it.
+            let pools = self.pools.clone();
+            runtime.spawn(async move {
+                match pools {
+                    Pools::Single(pool) => {
+                        if let Ok(conn) = pool.get().await {
+                            environment::check(conn).await;
+                        }
+                    }
+                    #[cfg(feature = "cluster")]
+                    Pools::Cluster(pool) => {
+                        if let Ok(conn) = pool.get().await {
+                            environment::check(conn).await;
+                        }
+                    }
+                }
+            });
         }
         // If a concurrent call got there first, keep its connection and drop ours.
         Ok(self.current().get_or_insert(fresh).clone())

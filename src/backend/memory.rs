@@ -11,11 +11,9 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{Acquire, BackendError, LockBackend, Released};
-use crate::{
-    idempotency::{ResponseStore, StoredResponse},
-    key::LockKey,
-    lease::saturating_add,
-};
+#[cfg(feature = "idempotency")]
+use crate::idempotency::{ResponseStore, StoredResponse};
+use crate::{key::LockKey, lease::saturating_add};
 
 /// A backend that keeps locks in this process, with the same semantics as Redis: owner
 /// tokens, leases that expire, compare-and-delete release.
@@ -36,7 +34,9 @@ struct Locks {
     /// Last fencing token per key; kept forever, like the Redis counter keys.
     fences: HashMap<LockKey, u64>,
     /// Idempotent responses, with their expiry; swept like `held`.
+    #[cfg(feature = "idempotency")]
     responses: HashMap<LockKey, (StoredResponse, Instant)>,
+    #[cfg(feature = "idempotency")]
     responses_swept_at: usize,
     /// Size of `held` after the last sweep of expired leases; sweeping again once the map
     /// has doubled keeps the cost amortised O(1) and memory bounded by the live locks.
@@ -118,10 +118,7 @@ impl InMemoryBackend {
             Some(lease) if lease.token == token => {
                 let was_held = lease.expires_at > now;
                 locks.held.remove(key);
-                Released {
-                    was_held,
-                    ..Released::default()
-                }
+                Released::new(was_held)
             }
             _ => Released::default(),
         })

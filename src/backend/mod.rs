@@ -22,8 +22,10 @@ mod redis;
 mod redlock;
 #[cfg(feature = "redis")]
 mod scripts;
+mod wake;
 
 pub use self::memory::InMemoryBackend;
+pub(crate) use self::wake::{release_epoch, wait_for_release};
 #[cfg(feature = "redis")]
 pub use self::{redis::RedisBackend, redlock::RedlockBackend};
 
@@ -49,18 +51,29 @@ pub enum Acquire {
 
 /// The answer to a release.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Released {
     /// Whether the token held the lock (and so freed it); on Redlock, on a majority of
     /// the nodes. `false` means the lock was lost before the release.
     pub was_held: bool,
     /// How many waiters elsewhere were told of the release, when the backend notifies
     /// (0 otherwise). The local queue uses it to step aside for them.
-    pub notified: u64,
+    pub(crate) notified: u64,
     /// Whether a waiter elsewhere had been refused the lock since it was last released
     /// (it left a mark) and is not known to hear of releases (notifications are off or
     /// failing here, and so presumably there): it retries on its backoff, and the local
     /// queue steps aside long enough for that.
-    pub unnotified_waiters: bool,
+    pub(crate) unnotified_waiters: bool,
+}
+
+impl Released {
+    /// A release that freed the lock (`was_held`), or found it not held by the token.
+    pub fn new(was_held: bool) -> Self {
+        Self {
+            was_held,
+            ..Self::default()
+        }
+    }
 }
 
 /// A backend could not answer: the request gets 503, never an unlocked handler
@@ -83,6 +96,12 @@ pub enum BackendError {
     #[error("lock backend refused the command")]
     Command(#[source] BoxError),
 }
+
+/// A backend could not be built from what it was given (a malformed URL, say): a mistake
+/// in the service's configuration, found at start-up, unlike a [`BackendError`].
+#[derive(Debug, thiserror::Error)]
+#[error("invalid lock backend configuration: {0}")]
+pub struct ConfigError(#[source] pub(crate) BoxError);
 
 /// Storage for locks: single, atomic attempts on one key.
 ///
@@ -128,29 +147,5 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
     /// token there, so every attempt gets a fresh one.
     fn retry_with_same_token(&self) -> bool {
         true
-    }
-
-    /// A count of the releases of `key` this backend has heard of, read before each
-    /// attempt and handed to [`wait_for_release`](Self::wait_for_release), so that a
-    /// release heard between a failed attempt and the wait is not slept through. The
-    /// default, for backends that hear of nothing, is always 0.
-    fn release_epoch(&self, key: &LockKey) -> u64 {
-        let _ = key;
-        0
-    }
-
-    /// Waits at most `timeout` for `key` to be released before the next attempt; returns
-    /// at once if a release was heard since `epoch`.
-    ///
-    /// The default sleeps the whole `timeout`: the layer's backoff is then the only
-    /// wake-up. A backend that hears about releases may return as soon as one happens.
-    fn wait_for_release(
-        &self,
-        key: &LockKey,
-        epoch: u64,
-        timeout: Duration,
-    ) -> impl Future<Output = ()> + Send {
-        let _ = (key, epoch);
-        tokio::time::sleep(timeout)
     }
 }

@@ -5,22 +5,20 @@ use std::{fmt, future::Future, sync::Arc, time::Duration};
 use deadpool_redis::{
     Pool, Runtime,
     redis::{
-        Client, ErrorKind, FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation,
-        ServerErrorKind,
+        Client, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind,
     },
 };
 use uuid::Uuid;
 
 use super::{
-    Acquire, BackendError, LockBackend, Released,
+    Acquire, BackendError, ConfigError, LockBackend, Released,
     connection::{Pools, SharedConnection},
     notify::Notifier,
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
-use crate::{
-    idempotency::{ResponseStore, StoredResponse},
-    key::LockKey,
-};
+#[cfg(feature = "idempotency")]
+use crate::idempotency::{ResponseStore, StoredResponse};
+use crate::key::LockKey;
 
 /// Default namespace of the Redis keys.
 const DEFAULT_PREFIX: &str = "lock:";
@@ -89,11 +87,14 @@ impl RedisBackend {
     /// A backend on the Redis server at `url` (`redis://host:port/db`), with a pool of
     /// default size and release notifications on: waiters wake as soon as a lock they wait
     /// for is released, instead of on their next backoff.
-    pub fn from_url(url: &str) -> Result<Self, BackendError> {
+    ///
+    /// Nothing is connected yet: a malformed URL is a [`ConfigError`]; an unreachable
+    /// server shows later, as 503s.
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let client = Client::open(url).map_err(|err| ConfigError(err.into()))?;
         let pool = deadpool_redis::Config::from_url(url)
             .create_pool(Some(Runtime::Tokio1))
-            .map_err(|err| BackendError::Unavailable(err.into()))?;
-        let client = Client::open(url).map_err(|err| BackendError::Unavailable(err.into()))?;
+            .map_err(|err| ConfigError(err.into()))?;
         Ok(Self::new(pool).notify_with(client))
     }
 
@@ -155,7 +156,7 @@ impl RedisBackend {
     /// Hands out a fencing token with every acquisition (off by default); see
     /// [`Held::fencing_token`](crate::Held::fencing_token).
     ///
-    /// The token comes from `INCR` on the lock's counter key, [`fence_key`](Self::fence_key),
+    /// The token comes from `INCR` on the lock's counter key, `<prefix>{<key>}:fence`,
     /// inside the acquire script: no extra round trip. The cost is memory: the counter
     /// never expires, so Redis keeps one small key (about 80 bytes, measured over 10,000
     /// keys on Redis 7.0) for every lock key ever used. Lock on keys of bounded
@@ -172,25 +173,26 @@ impl RedisBackend {
     /// The Redis key that stores the lock `key`: `<prefix>{<key>}`, where `}` and `%` in
     /// the key are written `%7D` and `%25` so that the braces always hold the whole key
     /// (one Cluster slot for every key of the lock, and no two keys alike).
-    pub fn redis_key(&self, key: &LockKey) -> String {
+    pub(crate) fn redis_key(&self, key: &LockKey) -> String {
         self.key_with_suffix(key, "")
     }
 
     /// The Redis key of the response kept for idempotency key `key`:
     /// `<prefix>{<key>}:response`, in the same slot as its lock.
-    pub fn response_key(&self, key: &LockKey) -> String {
+    #[cfg(feature = "idempotency")]
+    pub(crate) fn response_key(&self, key: &LockKey) -> String {
         self.key_with_suffix(key, ":response")
     }
 
     /// The pub/sub channel on which releases of `key` are announced:
     /// `<prefix>{<key>}:released`.
-    pub fn release_channel(&self, key: &LockKey) -> String {
+    pub(crate) fn release_channel(&self, key: &LockKey) -> String {
         self.key_with_suffix(key, ":released")
     }
 
     /// The Redis key of the lock's fencing counter: `<prefix>{<key>}:fence`. It has no
     /// expiry (a counter that restarted would hand out tokens a resource already saw).
-    pub fn fence_key(&self, key: &LockKey) -> String {
+    pub(crate) fn fence_key(&self, key: &LockKey) -> String {
         self.key_with_suffix(key, ":fence")
     }
 
@@ -280,7 +282,11 @@ impl RedisBackend {
     }
 
     /// Runs a pipeline on the shared connection within the command timeout.
-    async fn query<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, BackendError> {
+    #[cfg(feature = "idempotency")]
+    async fn query<T: FromRedisValue>(
+        &self,
+        pipeline: &deadpool_redis::redis::Pipeline,
+    ) -> Result<T, BackendError> {
         self.guarded(async {
             let mut conn = self.connection.get().await?;
             pipeline.query_async(&mut conn).await.map_err(classify)
@@ -418,14 +424,17 @@ impl LockBackend for RedisBackend {
         let extended: i64 = self.run(invocation).await?;
         Ok(extended == 1)
     }
+}
 
-    fn release_epoch(&self, key: &LockKey) -> u64 {
+/// Release notifications (see `backend::wake`).
+impl RedisBackend {
+    pub(crate) fn release_epoch(&self, key: &LockKey) -> u64 {
         self.notifier
             .as_ref()
             .map_or(0, |notifier| notifier.epoch(&self.release_channel(key)))
     }
 
-    async fn wait_for_release(&self, key: &LockKey, epoch: u64, timeout: Duration) {
+    pub(crate) async fn wait_for_release(&self, key: &LockKey, epoch: u64, timeout: Duration) {
         match &self.notifier {
             Some(notifier) => {
                 let channel = self.release_channel(key);

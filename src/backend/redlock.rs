@@ -232,10 +232,13 @@ impl LockBackend for RedlockBackend {
     fn retry_with_same_token(&self) -> bool {
         false
     }
+}
 
+/// Release notifications (see `backend::wake`).
+impl RedlockBackend {
     /// The releases heard on every node, summed: a holder's majority may skip any one
     /// node, and its release publishes only where it deleted.
-    fn release_epoch(&self, key: &LockKey) -> u64 {
+    pub(crate) fn release_epoch(&self, key: &LockKey) -> u64 {
         self.nodes
             .iter()
             .fold(0u64, |sum, node| sum.wrapping_add(node.release_epoch(key)))
@@ -243,7 +246,7 @@ impl LockBackend for RedlockBackend {
 
     /// Waits on every node's notifications at once (each node that has them on), and
     /// returns at the first release heard anywhere.
-    fn wait_for_release(
+    pub(crate) fn wait_for_release(
         &self,
         key: &LockKey,
         epoch: u64,

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::guard::{HandOff, LockGuard, LockLine};
 use crate::{
-    backend::{Acquire, BackendError, LockBackend},
+    backend::{self, Acquire, BackendError, LockBackend},
     held::Held,
     key::LockKey,
     lease::saturating_add,
@@ -127,7 +127,7 @@ async fn from_backend<B: LockBackend>(
     let mut attempt = 0;
     loop {
         let lease_start = Instant::now();
-        let epoch = guard.backend().release_epoch(guard.key());
+        let epoch = backend::release_epoch(guard.backend(), guard.key());
         guard.arm();
         let outcome = guard
             .backend()
@@ -171,7 +171,7 @@ async fn from_backend<B: LockBackend>(
             in_doubt = false;
         }
         let (backend, key) = (guard.backend(), guard.key());
-        backend.wait_for_release(key, epoch, pause).await;
+        backend::wait_for_release(backend, key, epoch, pause).await;
         attempt = attempt.saturating_add(1);
     }
 }

@@ -18,7 +18,6 @@ use std::{fmt, future::poll_fn, sync::Arc, time::Duration};
 use http::StatusCode;
 
 pub use self::owned::OwnedLock;
-#[cfg(feature = "axum")]
 pub(crate) use self::owned::RequestLocks;
 pub(crate) use self::{
     acquire::Acquired,
@@ -160,7 +159,7 @@ impl<Backend: LockBackend> Locker<Backend> {
         #[cfg(feature = "axum")]
         let request = self.request.clone();
         #[cfg(not(feature = "axum"))]
-        let request = None;
+        let request: Option<Arc<RequestLocks>> = None;
         if let Some(request) = &request {
             request.keys().push(held.key().clone());
         }

@@ -34,7 +34,7 @@ impl RequestLocks {
     }
 }
 
-/// A lock taken by [`Locker::lock`]: released on drop (in the background) or by
+/// A lock taken by [`Locker::lock`](crate::Locker::lock): released on drop (in the background) or by
 /// [`release`](Self::release) (awaited); renewed until then. Derefs to [`Held`] for the
 /// key, tokens and the lost signal.
 ///
@@ -93,7 +93,7 @@ impl<Backend: LockBackend> OwnedLock<Backend> {
 
     /// Gives the lock up to its lease: no release, no renewal. For a holder that must
     /// keep others out a while longer after it is done (its work could not be recorded).
-    #[cfg(feature = "axum")]
+    #[cfg(feature = "idempotency")]
     pub(crate) fn abandon(mut self) {
         self.stop();
         if let Some(mut guard) = self.guard.take() {
