@@ -10,7 +10,7 @@
     unreachable_pub,
     clippy::await_holding_lock
 )]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod acquire;
 pub mod backend;
@@ -55,3 +55,8 @@ pub use crate::{extract::MissingLock, key::PathParam};
 /// The deadpool-redis crate this one is built against, for pools of matching versions.
 #[cfg(feature = "redis")]
 pub use deadpool_redis;
+
+/// The README's examples, compiled as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
