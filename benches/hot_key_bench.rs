@@ -1,7 +1,7 @@
 //! Hot-key benchmark: many workers, few keys, short critical sections.
 //!
 //! ```text
-//! cargo run --release --example hot_key_bench -- --workers 64 --keys 1 --hold-ms 1 \
+//! cargo bench --bench hot_key_bench -- --workers 64 --keys 1 --hold-ms 1 \
 //!     --requests 3000 [--processes 2] [--mode polling,notify,local] [--redis-url URL] [--http]
 //! ```
 //!
@@ -111,7 +111,8 @@ fn parse_args() -> Result<Args, String> {
         http: false,
         child: None,
     };
-    let mut argv = std::env::args().skip(1);
+    // `cargo bench` appends `--bench` to the arguments of a `harness = false` bench.
+    let mut argv = std::env::args().skip(1).filter(|arg| arg != "--bench");
     while let Some(flag) = argv.next() {
         if flag == "--http" {
             args.http = true;

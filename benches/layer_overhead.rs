@@ -2,7 +2,7 @@
 //! same run.
 //!
 //! ```text
-//! cargo run --release --all-features --example layer_overhead -- [--requests N] [--redis-url URL]
+//! cargo bench --all-features --bench layer_overhead -- [--requests N] [--redis-url URL]
 //! ```
 //!
 //! Without `--redis-url` it starts its own `redis-server` on a free port and stops it at
@@ -35,7 +35,8 @@ fn parse_args() -> Result<Args, String> {
         requests: 20_000,
         redis_url: None,
     };
-    let mut argv = std::env::args().skip(1);
+    // `cargo bench` appends `--bench` to the arguments of a `harness = false` bench.
+    let mut argv = std::env::args().skip(1).filter(|arg| arg != "--bench");
     while let Some(flag) = argv.next() {
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {

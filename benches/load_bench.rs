@@ -2,7 +2,7 @@
 //! lock layer (uncontended: every request locks a key of its own).
 //!
 //! ```text
-//! cargo run --release --example load_bench -- [--requests N] [--concurrency C] [--redis-url URL]
+//! cargo bench --bench load_bench -- [--requests N] [--concurrency C] [--redis-url URL]
 //! ```
 //!
 //! The server and the client (reqwest, C requests in flight) run in this process, on
@@ -35,7 +35,8 @@ fn parse_args() -> Result<Args, String> {
         concurrency: 32,
         redis_url: None,
     };
-    let mut argv = std::env::args().skip(1);
+    // `cargo bench` appends `--bench` to the arguments of a `harness = false` bench.
+    let mut argv = std::env::args().skip(1).filter(|arg| arg != "--bench");
     while let Some(flag) = argv.next() {
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
