@@ -139,6 +139,6 @@ pub use crate::{extract::MissingLock, key::PathParam};
 pub use deadpool_redis;
 
 /// The README's examples, compiled as doc-tests.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "redis", feature = "axum", feature = "idempotency"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
