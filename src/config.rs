@@ -191,10 +191,16 @@ impl LockConfig {
         if !matches!(rejection, LockRejection::Lost { .. }) {
             observe::outcome(&self.class, rejection.outcome());
         }
-        let response = match &self.respond {
+        let mut response = match &self.respond {
             Some(respond) => respond(rejection),
             None => rejection.to_response(),
         };
+        // The handler did not run: an idempotency layer outside lets the key be retried.
+        if !matches!(rejection, LockRejection::Lost { .. }) {
+            response
+                .extensions_mut()
+                .insert(crate::idempotency::Retryable);
+        }
         response.map(B::from)
     }
 }

@@ -467,7 +467,7 @@ where
             .layer(HandleErrorLayer::new(overloaded))
             .load_shed()
             .concurrency_limit(MAX_CONCURRENT_BUYS)
-            .layer(IdempotencyLayer::new(idempotency))
+            .layer(IdempotencyLayer::shared_by_all_callers(idempotency))
             .layer(item_lock.clone()),
     );
     Router::new()

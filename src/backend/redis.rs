@@ -5,8 +5,7 @@ use std::{fmt, future::Future, sync::Arc, time::Duration};
 use deadpool_redis::{
     Pool, Runtime,
     redis::{
-        Client, ErrorKind, FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation,
-        ServerErrorKind,
+        Client, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind,
     },
 };
 use uuid::Uuid;
@@ -17,10 +16,7 @@ use super::{
     notify::Notifier,
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
-use crate::{
-    LockKey,
-    idempotency::{ResponseStore, StoredResponse},
-};
+use crate::LockKey;
 
 /// Default namespace of the Redis keys.
 const DEFAULT_PREFIX: &str = "lock:";
@@ -223,22 +219,13 @@ impl RedisBackend {
     }
 
     /// Runs a script on the shared connection within the command timeout.
-    async fn run<T: FromRedisValue>(
+    pub(crate) async fn run<T: FromRedisValue>(
         &self,
         invocation: ScriptInvocation<'static>,
     ) -> Result<T, BackendError> {
         self.guarded(async {
             let mut conn = self.connection.get().await?;
             invocation.invoke_async(&mut conn).await.map_err(classify)
-        })
-        .await
-    }
-
-    /// Runs a pipeline on the shared connection within the command timeout.
-    async fn query<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, BackendError> {
-        self.guarded(async {
-            let mut conn = self.connection.get().await?;
-            pipeline.query_async(&mut conn).await.map_err(classify)
         })
         .await
     }
@@ -365,68 +352,6 @@ impl LockBackend for RedisBackend {
             }
             None => tokio::time::sleep(timeout).await,
         }
-    }
-}
-
-/// Responses are hashes `{fingerprint, status, headers (JSON), body}` with an expiry,
-/// written in one `MULTI`.
-impl ResponseStore for RedisBackend {
-    async fn load(&self, key: &LockKey) -> Result<Option<StoredResponse>, BackendError> {
-        let mut pipeline = deadpool_redis::redis::pipe();
-        pipeline.cmd("HMGET").arg(self.response_key(key)).arg(&[
-            "fingerprint",
-            "status",
-            "headers",
-            "body",
-        ]);
-        type Fields = (Option<String>, Option<u16>, Option<String>, Option<Vec<u8>>);
-        let (fields,): (Fields,) = self.query(&pipeline).await?;
-        let (Some(fingerprint), Some(status), Some(headers), Some(body)) = fields else {
-            return Ok(None);
-        };
-        let headers = serde_json::from_str(&headers).map_err(|err| {
-            BackendError::Command(format!("stored response headers: {err}").into())
-        })?;
-        Ok(Some(StoredResponse {
-            fingerprint,
-            status,
-            headers,
-            body: body.into(),
-        }))
-    }
-
-    async fn store(
-        &self,
-        key: &LockKey,
-        response: &StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), BackendError> {
-        let record = self.response_key(key);
-        let headers = serde_json::to_string(&response.headers)
-            .map_err(|err| BackendError::Command(err.to_string().into()))?;
-        let mut pipeline = deadpool_redis::redis::pipe();
-        pipeline
-            .atomic()
-            .del(&record)
-            .ignore()
-            .hset_multiple(
-                &record,
-                &[
-                    ("fingerprint", response.fingerprint.as_bytes()),
-                    ("headers", headers.as_bytes()),
-                ],
-            )
-            .ignore()
-            .hset(&record, "status", response.status)
-            .ignore()
-            .hset(&record, "body", response.body.as_ref())
-            .ignore()
-            .pexpire(
-                &record,
-                i64::try_from(lease_millis(ttl)).unwrap_or(i64::MAX),
-            )
-            .ignore();
-        self.query::<()>(&pipeline).await
     }
 }
 
