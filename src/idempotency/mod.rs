@@ -29,6 +29,30 @@ pub use self::{
     service::Idempotency,
 };
 
+/// A request extension that [`IdempotencyLayer`] sets before it calls the handler: the
+/// request's idempotency key, decoded, and the caller it is scoped to. A handler can
+/// derive its own ids from it (an order id), so that a repeated run is a no-op even
+/// where the layer allowed one ([`Retryable`] answers).
+///
+/// With the `axum` feature, `Option<IdempotencyKey>` is an extractor (it never rejects).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub(crate) key: String,
+    pub(crate) principal: String,
+}
+
+impl IdempotencyKey {
+    /// The key, as the client sent it (quotes and escapes decoded).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The caller the key is scoped to; empty for keys shared by all callers.
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+}
+
 /// A response extension saying "a retry with the same key may run the handler again":
 /// the answer was given before the work started (the lock layer's 409, 423 and 503 carry
 /// it), or the work is itself idempotent. [`IdempotencyLayer`] then keeps nothing and

@@ -6,8 +6,20 @@ use bytes::Bytes;
 use http::{HeaderName, StatusCode, header, request::Parts};
 use sha2::{Digest, Sha256};
 
-use super::response::problem_response;
+use super::{IdempotencyKey, response::problem_response};
 use crate::LockKey;
+
+/// `Option<IdempotencyKey>`: the request's key, on routes behind an `IdempotencyLayer`.
+impl<S: Send + Sync> axum::extract::OptionalFromRequestParts<S> for IdempotencyKey {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<IdempotencyKey>().cloned())
+    }
+}
 
 /// The longest idempotency key accepted.
 const MAX_KEY_LEN: usize = 255;

@@ -22,7 +22,7 @@ use tower_service::Service;
 use uuid::Uuid;
 
 use super::{
-    Retryable,
+    IdempotencyKey, Retryable,
     layer::Config,
     request::{fingerprint, idempotency_key, read_body, record_key},
     response::{from_record, in_progress, kept_headers, problem_response, unavailable},
@@ -208,7 +208,10 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
 
         // From here on the work runs to the end and its end is recorded even if the client
         // hangs up: a retry must find it, not run the work again.
-        let request = Request::from_parts(parts, Body::from(body));
+        let mut request = Request::from_parts(parts, Body::from(body));
+        request
+            .extensions_mut()
+            .insert(IdempotencyKey { key, principal });
         let work = tokio::spawn(self.work(inner, request, lock, record, owner));
         match work.await {
             Ok(Ended::Answered(response)) => response,

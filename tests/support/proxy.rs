@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -21,6 +21,11 @@ struct Faults {
     /// Forward the next request, let the server run it, then cut the connection before
     /// the reply gets through.
     drop_next_reply: AtomicBool,
+    /// Once: the next request whose bytes contain this pattern has its reply held back
+    /// by `(pattern, delay)`.
+    delay_reply_to: Mutex<Option<(Vec<u8>, Duration)>>,
+    /// Set when such a request went through: the next reply waits this long (ms).
+    delay_next_reply_ms: AtomicU64,
 }
 
 /// A proxy on a free loopback port in front of `127.0.0.1:<target>`.
@@ -58,6 +63,12 @@ impl Proxy {
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Once: the reply to the next request that contains `pattern` (a script's SHA, a
+    /// command name) is held back `delay`; the server runs the request at once.
+    pub fn delay_reply_to(&self, pattern: &[u8], delay: Duration) {
+        *self.faults.delay_reply_to.lock().unwrap() = Some((pattern.to_vec(), delay));
+    }
+
     /// The next request reaches the server, its reply never reaches the client.
     pub fn drop_next_reply(&self) {
         self.faults.drop_next_reply.store(true, Ordering::SeqCst);
@@ -79,6 +90,18 @@ async fn relay(client: TcpStream, server: TcpStream, faults: Arc<Faults>) {
                 if n == 0 || server_write.write_all(&buffer[..n]).await.is_err() {
                     return;
                 }
+                let armed = {
+                    let mut armed = faults.delay_reply_to.lock().unwrap();
+                    let hit = armed.as_ref().is_some_and(|(pattern, _)| {
+                        buffer[..n].windows(pattern.len()).any(|w| w == pattern)
+                    });
+                    if hit { armed.take() } else { None }
+                };
+                if let Some((_, delay)) = armed {
+                    faults
+                        .delay_next_reply_ms
+                        .store(delay.as_millis() as u64, Ordering::SeqCst);
+                }
                 if faults.drop_next_reply.swap(false, Ordering::SeqCst) {
                     cut.store(true, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(50)).await; // the server runs it
@@ -96,7 +119,8 @@ async fn relay(client: TcpStream, server: TcpStream, faults: Arc<Faults>) {
             if n == 0 || cut.load(Ordering::SeqCst) {
                 return;
             }
-            let delay = faults.reply_delay_ms.load(Ordering::SeqCst);
+            let delay = faults.reply_delay_ms.load(Ordering::SeqCst)
+                + faults.delay_next_reply_ms.swap(0, Ordering::SeqCst);
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
