@@ -28,7 +28,7 @@ use tower_redis_lock::{
 };
 
 /// Counts its runs; `fail=N` answers 500 while it has run fewer than N times; `slow`
-/// takes 600 ms, `ms=N` takes N ms; `big` answers a body over 64 KiB, `stream` an unsized
+/// takes 600 ms, `ms=N` takes N ms, `first_ms=N` too but only on the first run; `big` answers a body over 64 KiB, `stream` an unsized
 /// one, `panic` panics, `headers` sets a handful of response headers.
 async fn charge(
     State(runs): State<Arc<AtomicUsize>>,
@@ -40,6 +40,11 @@ async fn charge(
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
     if let Some(ms) = params.get("ms").and_then(|ms| ms.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(ms) = params.get("first_ms").and_then(|ms| ms.parse().ok())
+        && run == 1
+    {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let fail_until: usize = params.get("fail").and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -453,6 +458,51 @@ where
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
+/// A concurrency limit inside the layer counts work that runs on after its client hung
+/// up: the next request is shed while it runs, and gets through after.
+async fn detached_work_counts_against_limits_inside<H: Harness>(harness: &H)
+where
+    H::Backend: ResponseStore,
+{
+    async fn shed(_: tower::BoxError) -> Response {
+        let mut response = (StatusCode::TOO_MANY_REQUESTS, "busy").into_response();
+        response
+            .extensions_mut()
+            .insert(tower_redis_lock::idempotency::Retryable);
+        response
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let stack = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(harness.instance(), user))
+        .layer(axum::error_handling::HandleErrorLayer::new(shed))
+        .load_shed()
+        .concurrency_limit(1);
+    let router = Router::new()
+        .route("/charge", post(charge).layer(stack))
+        .with_state(runs.clone());
+    let url = serve(router).await;
+    let client = Client::new();
+    let hung_up = client
+        .post(format!("{url}/charge?ms=1500"))
+        .header("x-user", "ann")
+        .header("idempotency-key", "c1")
+        .body("1 EUR")
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the client should have given up");
+    let meanwhile = send(&client, &url, "", Some("c2"), "ann", "2 EUR").await;
+    assert_eq!(
+        meanwhile.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the detached work did not count"
+    );
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let after = send(&client, &url, "", Some("c2"), "ann", "2 EUR").await;
+    assert_eq!(after.status(), StatusCode::CREATED, "the 429 was kept");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
 macro_rules! idempotency_tests {
     ($backend:ident, $harness:expr) => {
         mod $backend {
@@ -481,6 +531,11 @@ macro_rules! idempotency_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn answers_given_before_the_handler_ran_are_not_kept() {
                 super::answers_given_before_the_handler_ran_are_not_kept(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn detached_work_counts_against_limits_inside() {
+                super::detached_work_counts_against_limits_inside(&$harness).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,4 +663,62 @@ async fn a_failed_store_never_runs_the_work_twice() {
         "the retry ran the work again"
     );
     assert_eq!(retry.status(), StatusCode::CONFLICT);
+}
+
+/// Redis restarted empty while the first request runs (its record lost): a retry runs
+/// the work again (nothing can know the first ran), but the first, finishing later, can
+/// no longer write over the retry's record: replays say what the last owner answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_record_is_never_overwritten_by_its_first_owner() {
+    let mut harness = support::Redis::spawn();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let urls = instances_with(&harness, &runs, |layer| {
+        layer
+            .lease(Duration::from_secs(1))
+            .on_lock_lost(tower_redis_lock::LossPolicy::Signal)
+    })
+    .await;
+    let client = Client::new();
+    let first = {
+        let (client, url) = (client.clone(), urls[0].clone());
+        tokio::spawn(async move {
+            send(&client, &url, "first_ms=2500", Some("w1"), "ann", "9 EUR").await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    harness.server.restart(); // empty: no persistence
+    let mut retry = None;
+    for _ in 0..50 {
+        let answer = send(
+            &client,
+            &urls[1],
+            "first_ms=2500",
+            Some("w1"),
+            "ann",
+            "9 EUR",
+        )
+        .await;
+        if answer.status() != StatusCode::SERVICE_UNAVAILABLE {
+            retry = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retry = retry.expect("no answer after the restart");
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    let retry_body = retry.text().await.unwrap();
+    assert!(retry_body.starts_with("charged run 2"), "{retry_body}");
+    let first = first.await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(first.text().await.unwrap().starts_with("charged run 1"));
+    for url in &urls {
+        let replay = send(&client, url, "first_ms=2500", Some("w1"), "ann", "9 EUR").await;
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(
+            replay.text().await.unwrap(),
+            retry_body,
+            "the first owner wrote last"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
