@@ -610,7 +610,8 @@ async fn a_lost_lease_never_runs_the_work_twice() {
 }
 
 /// The store fails at the moment the answer is written (Redis out of memory): the key's
-/// record says "started", and retries after the lease get 409, not a second run.
+/// record says "started", and retries after the lease get 409, not a second run; once
+/// memory is back, the answer (retried in the background) is replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_store_never_runs_the_work_twice() {
     let harness = support::Redis::spawn();
@@ -649,13 +650,7 @@ async fn a_failed_store_never_runs_the_work_twice() {
         StatusCode::CREATED,
         "the client still gets its answer"
     );
-    harness.server.query::<()>(
-        deadpool_redis::redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg("0"),
-    );
-    tokio::time::sleep(Duration::from_millis(1500)).await; // past the lease
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the lease, still OOM
     let retry = send(&client, &app, "", Some("m1"), "ann", "4 EUR").await;
     assert_eq!(
         runs.load(Ordering::SeqCst),
@@ -663,6 +658,27 @@ async fn a_failed_store_never_runs_the_work_twice() {
         "the retry ran the work again"
     );
     assert_eq!(retry.status(), StatusCode::CONFLICT);
+    assert!(retry.headers().contains_key("retry-after"));
+    // Memory is back: the answer, retried in the background, is written and replayed.
+    harness.server.query::<()>(
+        deadpool_redis::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("0"),
+    );
+    let mut replayed = None;
+    for _ in 0..50 {
+        let retry = send(&client, &app, "", Some("m1"), "ann", "4 EUR").await;
+        if retry.status() != StatusCode::CONFLICT {
+            replayed = Some(retry);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let replayed = replayed.expect("the answer was never written");
+    assert_eq!(replayed.status(), StatusCode::CREATED);
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 /// Redis restarted empty while the first request runs (its record lost): a retry runs

@@ -25,7 +25,8 @@ use tower_redis_lock::{
     idempotency::{IdempotencyKey, IdempotencyLayer, ResponseStore, Retryable},
 };
 
-/// At most this many buy requests run at once per instance; more are shed with 429.
+/// At most this many buy requests are in flight at once per instance, and at most this
+/// many buys run (those whose client left included); more are shed with 429.
 pub const MAX_CONCURRENT_BUYS: usize = 256;
 
 /// The header that names the buyer (a stand-in for authentication): idempotency keys are
@@ -725,12 +726,15 @@ where
         .max_wait(Duration::from_millis(500))
         .ttl(Duration::from_secs(5));
     let known_item = || middleware::from_fn_with_state(state.clone(), require_item);
-    // Outermost first: unknown items are 404 before anything is written; a key's record
-    // is looked up before the concurrency limit, so replays are cheap; the limit sits
-    // inside the idempotency layer, so a buy that runs on after its client left still
-    // holds its permit.
+    // Outermost first. Admission: past MAX_CONCURRENT_BUYS requests in flight, 429 before
+    // any Redis work. Unknown items are 404 before anything is written. The key's record
+    // is looked up next. The second limit sits inside the idempotency layer: a buy that
+    // runs on after its client left still holds its permit there, so detached work counts.
     let buy_route = post(buy).layer(
         ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(overloaded))
+            .load_shed()
+            .concurrency_limit(MAX_CONCURRENT_BUYS)
             .layer(known_item())
             .layer(IdempotencyLayer::new(idempotency, buyer))
             .layer(HandleErrorLayer::new(overloaded))

@@ -10,6 +10,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use axum::{
@@ -122,6 +123,10 @@ where
         Box::pin(async move { Ok(shared.run(inner, request).await) })
     }
 }
+
+/// How long a record write that failed (store unreachable, out of memory) is retried in
+/// the background before the record is left pending until it expires.
+pub(super) const STORE_RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// How the detached work ended, for the request still waiting on it.
 enum Ended {
@@ -288,9 +293,7 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
     async fn keep(&self, record: &LockKey, owner: Uuid, response: Response) -> Ended {
         if response.extensions().get::<Retryable>().is_some() {
             // The work did not run (or may run again): free the key.
-            if let Err(err) = self.backend.forget(record, owner).await {
-                tracing::warn!(error = %err, key = %record, "idempotency record could not be deleted: the key stays taken until it expires");
-            }
+            self.forget(record, owner).await;
             return Ended::Answered(response);
         }
         let max = self.config.max_stored_body;
@@ -335,21 +338,63 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
         Ended::Answered(Response::from_parts(parts, Body::from(body)))
     }
 
-    /// Ends the record; a failure leaves it pending (retries get "outcome unknown").
+    /// Ends the record. If the store fails, the write is retried in the background for
+    /// [`STORE_RETRY_FOR`]; meanwhile the record stays pending (retries get 409).
     async fn finish(&self, record: &LockKey, owner: Uuid, finished: Finished) {
-        match self
+        let result = self
             .backend
             .finish(record, owner, &finished, self.config.ttl)
-            .await
-        {
+            .await;
+        match result {
             Ok(true) => {}
             Ok(false) => {
                 tracing::error!(key = %record, "idempotency record no longer this request's: its answer is not kept")
             }
             Err(err) => {
-                tracing::error!(error = %err, key = %record, "idempotency record could not be ended: retries get 409 until it expires")
+                tracing::error!(error = %err, key = %record, "idempotency record could not be ended: retrying in the background");
+                self.retry_in_background(record.clone(), owner, Some(finished));
             }
         }
+    }
+
+    /// Deletes the record, for an answer marked [`Retryable`]; retried in the background
+    /// if the store fails.
+    async fn forget(&self, record: &LockKey, owner: Uuid) {
+        if let Err(err) = self.backend.forget(record, owner).await {
+            tracing::warn!(error = %err, key = %record, "idempotency record could not be deleted: retrying in the background");
+            self.retry_in_background(record.clone(), owner, None);
+        }
+    }
+
+    /// Retries a failed [`finish`](Self::finish) (`Some`) or [`forget`](Self::forget)
+    /// (`None`) with a jittered, doubling backoff, for at most [`STORE_RETRY_FOR`].
+    fn retry_in_background(&self, record: LockKey, owner: Uuid, finished: Option<Finished>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + STORE_RETRY_FOR;
+            let mut pause = Duration::from_millis(100);
+            while tokio::time::Instant::now() < give_up {
+                let jitter = Duration::from_millis(fastrand::u64(0..=pause.as_millis() as u64 / 2));
+                tokio::time::sleep(pause + jitter).await;
+                let result = match &finished {
+                    Some(finished) => {
+                        this.backend
+                            .finish(&record, owner, finished, this.config.ttl)
+                            .await
+                    }
+                    None => this.backend.forget(&record, owner).await,
+                };
+                match result {
+                    Ok(true) => {
+                        tracing::info!(key = %record, "idempotency record written after a retry");
+                        return;
+                    }
+                    Ok(false) => return, // no longer ours: nothing to do
+                    Err(_) => pause = (pause * 2).min(Duration::from_secs(2)),
+                }
+            }
+            tracing::error!(key = %record, "idempotency record still not written: it stays pending (409) until it expires");
+        });
     }
 
     /// The answer the record under `record` gives, if there is one; 503 if the store
@@ -358,7 +403,7 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
         &self,
         record: &LockKey,
         fingerprint: &str,
-        retry_after: Option<std::time::Duration>,
+        retry_after: Option<Duration>,
     ) -> Option<Response> {
         let retry_after = retry_after.unwrap_or(self.config.retry_after);
         match self.backend.load(record).await {
