@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tower::{BoxError, ServiceBuilder};
 use tower_redis_lock::{
-    Held, LockBackend, LockLayer, PathParam,
+    Held, LockBackend, LockLayer, LockRejection, LossPolicy, PathParam,
     deadpool_redis::{Pool, redis},
     idempotency::{IdempotencyKey, IdempotencyLayer, ResponseStore, Retryable},
 };
@@ -720,11 +720,18 @@ pub fn router<B>(locks: B, idempotency: B, state: AppState) -> Router
 where
     B: LockBackend + ResponseStore,
 {
-    // One layer, so that creation, restocks and the buys of one SKU share a line.
+    // One layer, so that creation, restocks and the buys of one SKU share a line. A buy is
+    // idempotent by itself (one order per key), so every answer of this lock, "lock lost"
+    // included, lets the same key be retried.
     let item_lock = LockLayer::new(locks, PathParam::new("sku"))
         .key_prefix("sku:")
         .max_wait(Duration::from_millis(500))
-        .ttl(Duration::from_secs(5));
+        .ttl(Duration::from_secs(5))
+        .rejection_response(|rejection: &LockRejection| {
+            let mut response = rejection.to_response();
+            response.extensions_mut().insert(Retryable);
+            response
+        });
     let known_item = || middleware::from_fn_with_state(state.clone(), require_item);
     // Outermost first. Admission: past MAX_CONCURRENT_BUYS requests in flight, 429 before
     // any Redis work. Unknown items are 404 before anything is written. The key's record
@@ -736,7 +743,8 @@ where
             .load_shed()
             .concurrency_limit(MAX_CONCURRENT_BUYS)
             .layer(known_item())
-            .layer(IdempotencyLayer::new(idempotency, buyer))
+            // A lost key lock need not stop a buy: it cannot charge twice.
+            .layer(IdempotencyLayer::new(idempotency, buyer).on_lock_lost(LossPolicy::Signal))
             .layer(HandleErrorLayer::new(overloaded))
             .load_shed()
             .concurrency_limit(MAX_CONCURRENT_BUYS)
