@@ -434,3 +434,67 @@ async fn a_restock_adds_and_keeps_the_orders() {
     let orders: u64 = server.query(redis::cmd("HLEN").arg("sale:{tee}:orders"));
     assert_eq!(orders, 3, "orders were lost");
 }
+
+/// An instance started while its Redis is down answers 503 (it does not sell from memory
+/// on its own) and sells from Redis once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_started_during_an_outage_waits_for_redis() {
+    let mut server = RedisServer::spawn();
+    server.kill();
+    let url = serve(app::service(Some(&server.url()), None).unwrap()).await;
+    let client = Client::new();
+    assert_eq!(
+        put_stock(&client, &url, "cap", 3).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "an instance without its Redis took an order"
+    );
+    server.restart();
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..50 {
+        status = put_stock(&client, &url, "cap", 3).await;
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, StatusCode::CREATED);
+    let exists: bool = server.query(redis::cmd("EXISTS").arg("sale:{cap}"));
+    assert!(exists, "the item is not in Redis");
+}
+
+/// Without a Redis URL the shop runs in memory, with the same rules: one order per key,
+/// restocks add, PUT never resets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_shop_keeps_the_same_rules() {
+    let url = serve(app::service(None, None).unwrap()).await;
+    let client = Client::new();
+    assert_eq!(
+        put_stock(&client, &url, "mug", 2).await,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        put_stock(&client, &url, "mug", 9).await,
+        StatusCode::CONFLICT
+    );
+    let first = buy_as(&client, &url, "mug", "m-1", "ann", 1).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let first: serde_json::Value = first.json().await.unwrap();
+    let again = buy_as(&client, &url, "mug", "m-1", "ann", 1).await;
+    assert_eq!(again.json::<serde_json::Value>().await.unwrap(), first);
+    let restocked = client
+        .post(format!("{url}/items/mug/restock"))
+        .json(&serde_json::json!({ "add": 5 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restocked.status(), StatusCode::OK);
+    let item = item(&client, &url, "mug").await;
+    assert_eq!(
+        (
+            item["stock"].as_i64(),
+            item["sold"].as_i64(),
+            item["orders"].as_i64()
+        ),
+        (Some(6), Some(1), Some(1))
+    );
+}

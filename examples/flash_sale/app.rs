@@ -766,3 +766,48 @@ where
         .layer(middleware::from_fn(count_answers))
         .with_state(state)
 }
+
+/// A pool on `url` whose every wait is bounded: a request never hangs on the store.
+fn bounded_pool(url: &str) -> Result<Pool, BoxError> {
+    let mut config = tower_redis_lock::deadpool_redis::Config::from_url(url);
+    let mut pool_config = tower_redis_lock::deadpool_redis::PoolConfig::new(64);
+    pool_config.timeouts = tower_redis_lock::deadpool_redis::Timeouts {
+        wait: Some(Duration::from_secs(1)),
+        create: Some(Duration::from_secs(1)),
+        recycle: Some(Duration::from_secs(1)),
+    };
+    config.pool = Some(pool_config);
+    Ok(config.create_pool(Some(tower_redis_lock::deadpool_redis::Runtime::Tokio1))?)
+}
+
+/// The service as `main` runs it. With a Redis URL it sells from that Redis and never
+/// falls back: nothing is probed at start-up, pools connect on demand, and while Redis
+/// is unreachable requests get 503 (an instance that fell back to memory would sell on
+/// its own for the rest of its life). Without one, it sells from memory, locks
+/// in-process: one instance only.
+pub fn service(
+    redis_url: Option<&str>,
+    metrics: Option<PrometheusHandle>,
+) -> Result<Router, BoxError> {
+    Ok(match redis_url {
+        Some(url) => {
+            let backend = tower_redis_lock::RedisBackend::from_url(url)?
+                .command_timeout(Duration::from_millis(500))
+                .fencing(true);
+            let idempotency = backend.clone().fencing(false);
+            let state = AppState {
+                store: Store::Redis(bounded_pool(url)?),
+                metrics,
+            };
+            router(backend, idempotency, state)
+        }
+        None => {
+            let backend = tower_redis_lock::InMemoryBackend::new();
+            let state = AppState {
+                store: Store::Memory(Default::default()),
+                metrics,
+            };
+            router(backend.clone().fencing(true), backend, state)
+        }
+    })
+}

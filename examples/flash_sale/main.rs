@@ -19,31 +19,10 @@
 #[path = "app.rs"]
 mod app;
 
-use std::time::Duration;
-
 use metrics_exporter_prometheus::PrometheusBuilder;
-use tower_redis_lock::{
-    InMemoryBackend, RedisBackend,
-    deadpool_redis::{self, Runtime, Timeouts},
-};
-
-/// A pool on `url` whose every wait is bounded: a request never hangs on the store.
-fn pool(url: &str) -> Result<deadpool_redis::Pool, String> {
-    let mut config = deadpool_redis::Config::from_url(url);
-    let mut pool_config = deadpool_redis::PoolConfig::new(64);
-    pool_config.timeouts = Timeouts {
-        wait: Some(Duration::from_secs(1)),
-        create: Some(Duration::from_secs(1)),
-        recycle: Some(Duration::from_secs(1)),
-    };
-    config.pool = Some(pool_config);
-    config
-        .create_pool(Some(Runtime::Tokio1))
-        .map_err(|err| err.to_string())
-}
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), tower::BoxError> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -51,30 +30,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let metrics = Some(PrometheusBuilder::new().install_recorder()?);
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    let router = match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            // No probe at start-up: Redis may be down for a moment, and an instance that
-            // fell back to memory would sell on its own for the rest of its life. Pools
-            // connect on demand, so requests get 503 until Redis answers.
-            let backend = RedisBackend::from_url(&url)?
-                .command_timeout(Duration::from_millis(500))
-                .fencing(true);
-            println!("selling from Redis at {url}");
-            let idempotency = backend.clone().fencing(false);
-            let state = app::AppState {
-                store: app::Store::Redis(pool(&url)?),
-                metrics,
-            };
-            app::router(backend, idempotency, state)
-        }
-        Err(_) => {
-            println!("no REDIS_URL: selling from memory, locks in-process (one instance only)");
-            let store = app::Store::Memory(Default::default());
-            let backend = InMemoryBackend::new();
-            let state = app::AppState { store, metrics };
-            app::router(backend.clone().fencing(true), backend, state)
-        }
-    };
+    let redis_url = std::env::var("REDIS_URL").ok();
+    let router = app::service(redis_url.as_deref(), metrics)?;
+    match &redis_url {
+        Some(url) => println!("selling from Redis at {url}"),
+        None => println!("no REDIS_URL: selling from memory, locks in-process (one instance only)"),
+    }
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, router).await?;
