@@ -57,8 +57,9 @@ pub(super) struct Config {
 /// (set-if-absent, kept for `ttl`); its end replaces it, by one conditional write that
 /// only the request that began it can make. So a retry never runs the work while the
 /// record exists, whatever became of the first request's lock. Answers marked
-/// [`Retryable`](super::Retryable) (the inner `LockLayer`'s 409, 423 and 503 carry it: the
-/// handler did not run) delete the record instead, and a retry runs.
+/// [`Retryable`](super::Retryable) delete the record instead, and a retry runs: the inner
+/// `LockLayer`'s answers carry it when the handler did not run (409/423 contended, 400,
+/// 503 when the lock could not be taken; not the 503 of a lock lost mid-run).
 ///
 /// Keys are scoped by route (the matched path) and by the caller: [`new`](Self::new)
 /// takes the function that names the caller (a user id, an API key);

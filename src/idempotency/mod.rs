@@ -54,8 +54,8 @@ impl IdempotencyKey {
 }
 
 /// A response extension saying "a retry with the same key may run the handler again":
-/// the answer was given before the work started (the lock layer's 409, 423 and 503 carry
-/// it), or the work is itself idempotent. [`IdempotencyLayer`] then keeps nothing and
+/// the answer was given before the work started (the lock layer's rejections carry it,
+/// but for a lock lost while the handler ran), or the work is itself idempotent. [`IdempotencyLayer`] then keeps nothing and
 /// frees the key, instead of replaying the answer.
 ///
 /// ```
