@@ -187,6 +187,14 @@ where
     assert_eq!(slow.status(), StatusCode::CREATED);
     assert_eq!(duplicate.status(), StatusCode::CONFLICT);
     assert!(duplicate.headers().contains_key("retry-after"));
+    let problem: serde_json::Value = duplicate.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("still being processed"),
+        "{problem}"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     let later = send(&client, &urls[1], "slow", Some("k2"), "ann", "5 EUR").await;
     assert_eq!(later.headers()["idempotent-replayed"], "true");
@@ -602,6 +610,14 @@ async fn a_lost_lease_never_runs_the_work_twice() {
     );
     let later = send(&client, &urls[0], "ms=3000", Some("l1"), "ann", "9 EUR").await;
     assert_eq!(later.status(), StatusCode::CONFLICT);
+    let problem: serde_json::Value = later.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("outcome is unknown"),
+        "{problem}"
+    );
     assert_eq!(
         runs.load(Ordering::SeqCst),
         1,

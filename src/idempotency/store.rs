@@ -2,8 +2,12 @@
 
 use std::{future::Future, time::Duration};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+#[cfg(feature = "redis")]
+use bytes::{Buf, BufMut, BytesMut};
+use http::HeaderMap;
+#[cfg(feature = "redis")]
+use http::{HeaderName, HeaderValue};
 use uuid::Uuid;
 
 use crate::{BackendError, LockKey};
@@ -133,8 +137,9 @@ pub trait ResponseStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 }
 
-/// Headers as bytes: for each, the name's length (u32), the name, the value's length, the
+/// Headers as bytes (for the Redis record): for each, the name's length (u32), the name, the value's length, the
 /// value.
+#[cfg(feature = "redis")]
 pub(crate) fn encode_headers(headers: &HeaderMap) -> Bytes {
     let mut out = BytesMut::new();
     for (name, value) in headers {
@@ -147,6 +152,7 @@ pub(crate) fn encode_headers(headers: &HeaderMap) -> Bytes {
 }
 
 /// The headers [`encode_headers`] wrote; `None` if the bytes are not such.
+#[cfg(feature = "redis")]
 pub(crate) fn decode_headers(mut bytes: &[u8]) -> Option<HeaderMap> {
     fn part<'a>(bytes: &mut &'a [u8]) -> Option<&'a [u8]> {
         if bytes.remaining() < 4 {
@@ -166,7 +172,7 @@ pub(crate) fn decode_headers(mut bytes: &[u8]) -> Option<HeaderMap> {
     Some(headers)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "redis"))]
 mod tests {
     use super::*;
 
