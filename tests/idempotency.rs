@@ -754,3 +754,46 @@ async fn a_lost_record_is_never_overwritten_by_its_first_owner() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+/// The reply to the script that begins the record is lost (it came after the command
+/// timeout): the request answers 503, and takes its record back, so the retry runs
+/// instead of meeting "outcome unknown" for a run that never happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_to_the_begin_does_not_take_the_key() {
+    let harness = support::Redis::spawn();
+    let proxy = support::proxy::Proxy::start(harness.server.port()).await;
+    let backend = tower_redis_lock::RedisBackend::new(support::pool(&proxy.url()))
+        .command_timeout(Duration::from_millis(500));
+    let runs = Arc::new(AtomicUsize::new(0));
+    // An unusual ttl, to spot the begin script on the wire (its last argument).
+    let layer = IdempotencyLayer::new(backend, user).ttl(Duration::from_millis(86_400_123));
+    let router = Router::new()
+        .route("/charge", post(charge))
+        .route_layer(layer)
+        .with_state(runs.clone());
+    let url = serve(router).await;
+    let client = Client::new();
+    let warm = send(&client, &url, "", Some("warm"), "ann", "1 EUR").await;
+    assert_eq!(warm.status(), StatusCode::CREATED); // the scripts are loaded now
+    proxy.delay_reply_to(b"86400123", Duration::from_millis(800));
+    let first = send(&client, &url, "", Some("b1"), "ann", "2 EUR").await;
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the handler ran without a record"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // the late reply is gone
+    let mut retry = None;
+    for _ in 0..30 {
+        let answer = send(&client, &url, "", Some("b1"), "ann", "2 EUR").await;
+        if answer.status() != StatusCode::SERVICE_UNAVAILABLE {
+            retry = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retry = retry.expect("no answer");
+    assert_eq!(retry.status(), StatusCode::CREATED, "the key stayed taken");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}

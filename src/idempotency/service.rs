@@ -189,35 +189,14 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
             }
             Err(rejection) => return rejection.into_response(),
         };
-        let owner = lock.token();
-        match self
-            .backend
-            .begin(&record, owner, &fingerprint, config.ttl)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                // A record appeared between our look and our lock.
-                lock.release().await;
-                return self
-                    .answer_from_record(&record, &fingerprint, None)
-                    .await
-                    .unwrap_or_else(|| in_progress(config.retry_after));
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, key = %record, "idempotency record could not be begun");
-                lock.release().await;
-                return unavailable(config.retry_after);
-            }
-        }
-
-        // From here on the work runs to the end and its end is recorded even if the client
-        // hangs up: a retry must find it, not run the work again.
+        // From here on nothing the client does can interrupt: the record is begun, the
+        // work runs to the end and its end is recorded in a task of its own, so a retry
+        // finds it rather than run the work again.
         let mut request = Request::from_parts(parts, Body::from(body));
         request
             .extensions_mut()
             .insert(IdempotencyKey { key, principal });
-        let work = tokio::spawn(self.work(inner, request, lock, record, owner));
+        let work = tokio::spawn(self.begin_and_work(inner, request, lock, record, fingerprint));
         match work.await {
             Ok(Ended::Answered(response)) => response,
             // The handler panicked: let it unwind here, where the stack expects it.
@@ -227,6 +206,46 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
                 "the server is shutting down",
                 None,
             ),
+        }
+    }
+
+    /// Begins the record under `lock`, then runs the work if it was begun.
+    async fn begin_and_work<S>(
+        self,
+        inner: S,
+        request: Request<Body>,
+        lock: OwnedLock<B>,
+        record: LockKey,
+        fingerprint: String,
+    ) -> Ended
+    where
+        S: Service<Request<Body>, Response = Response, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let owner = lock.token();
+        let begun = self
+            .backend
+            .begin(&record, owner, &fingerprint, self.config.ttl)
+            .await;
+        match begun {
+            Ok(true) => self.work(inner, request, lock, record, owner).await,
+            Ok(false) => {
+                // A record appeared between our look and our lock.
+                lock.release().await;
+                let answer = self
+                    .answer_from_record(&record, &fingerprint, None)
+                    .await
+                    .unwrap_or_else(|| in_progress(self.config.retry_after));
+                Ended::Answered(answer)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, key = %record, "idempotency record could not be begun");
+                // The script may have run and only its reply been lost: take back a record
+                // of ours, or the key would stay refused though nothing ran.
+                self.forget(&record, owner).await;
+                lock.release().await;
+                Ended::Answered(unavailable(self.config.retry_after))
+            }
         }
     }
 
