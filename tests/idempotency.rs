@@ -797,3 +797,35 @@ async fn a_lost_reply_to_the_begin_does_not_take_the_key() {
     assert_eq!(retry.status(), StatusCode::CREATED, "the key stayed taken");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+/// Redis down before the handler runs: 503 + `Retry-After`, the handler not called; back
+/// up, the same key runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_answers_503_without_running() {
+    let mut harness = support::Redis::spawn();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let urls = instances(&harness, &runs).await;
+    let client = Client::new();
+    harness.server.kill();
+    let down = send(&client, &urls[0], "", Some("d1"), "ann", "3 EUR").await;
+    assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(down.headers().contains_key("retry-after"));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the handler ran without a record"
+    );
+    harness.server.restart();
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..50 {
+        status = send(&client, &urls[0], "", Some("d1"), "ann", "3 EUR")
+            .await
+            .status();
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
