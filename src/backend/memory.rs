@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{Acquire, BackendError, LockBackend, Released};
 #[cfg(feature = "idempotency")]
-use crate::idempotency::{ResponseStore, StoredResponse};
+use crate::idempotency::MemoryRecords;
 use crate::{key::LockKey, lease::saturating_add};
 
 /// A backend that keeps locks in this process, with the same semantics as Redis: owner
@@ -26,6 +26,9 @@ use crate::{key::LockKey, lease::saturating_add};
 pub struct InMemoryBackend {
     locks: Arc<Mutex<Locks>>,
     fencing: bool,
+    /// Idempotency records (`ResponseStore`).
+    #[cfg(feature = "idempotency")]
+    pub(crate) records: MemoryRecords,
 }
 
 #[derive(Debug, Default)]
@@ -33,11 +36,6 @@ struct Locks {
     held: HashMap<LockKey, Lease>,
     /// Last fencing token per key; kept forever, like the Redis counter keys.
     fences: HashMap<LockKey, u64>,
-    /// Idempotent responses, with their expiry; swept like `held`.
-    #[cfg(feature = "idempotency")]
-    responses: HashMap<LockKey, (StoredResponse, Instant)>,
-    #[cfg(feature = "idempotency")]
-    responses_swept_at: usize,
     /// Size of `held` after the last sweep of expired leases; sweeping again once the map
     /// has doubled keeps the cost amortised O(1) and memory bounded by the live locks.
     swept_at: usize,
@@ -67,6 +65,17 @@ impl InMemoryBackend {
     pub fn held_count(&self) -> usize {
         let now = Instant::now();
         self.with_locks(|locks| locks.held.values().filter(|l| l.expires_at > now).count())
+    }
+
+    /// Whether `token` holds the lock on `key` now.
+    pub(crate) fn holds(&self, key: &LockKey, token: Uuid) -> bool {
+        let now = Instant::now();
+        self.with_locks(|locks| {
+            locks
+                .held
+                .get(key)
+                .is_some_and(|lease| lease.token == token && lease.expires_at > now)
+        })
     }
 
     fn with_locks<T>(&self, f: impl FnOnce(&mut Locks) -> T) -> T {
@@ -161,42 +170,5 @@ impl LockBackend for InMemoryBackend {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
         ready(Ok(self.extend_now(key, token, ttl)))
-    }
-}
-
-#[cfg(feature = "idempotency")]
-impl ResponseStore for InMemoryBackend {
-    fn load(
-        &self,
-        key: &LockKey,
-    ) -> impl Future<Output = Result<Option<StoredResponse>, BackendError>> + Send {
-        let now = Instant::now();
-        let found = self.with_locks(|locks| {
-            let (response, expires_at) = locks.responses.get(key)?;
-            (*expires_at > now).then(|| response.clone())
-        });
-        ready(Ok(found))
-    }
-
-    fn store(
-        &self,
-        key: &LockKey,
-        response: &StoredResponse,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let now = Instant::now();
-        self.with_locks(|locks| {
-            if locks.responses.len() >= 2 * locks.responses_swept_at.max(64) {
-                locks
-                    .responses
-                    .retain(|_, (_, expires_at)| *expires_at > now);
-                locks.responses_swept_at = locks.responses.len();
-            }
-            let expires_at = saturating_add(now, ttl);
-            locks
-                .responses
-                .insert(key.clone(), (response.clone(), expires_at));
-        });
-        ready(Ok(()))
     }
 }

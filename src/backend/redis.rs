@@ -16,8 +16,6 @@ use super::{
     notify::Notifier,
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
-#[cfg(feature = "idempotency")]
-use crate::idempotency::{ResponseStore, StoredResponse};
 use crate::key::LockKey;
 
 /// Default namespace of the Redis keys.
@@ -270,26 +268,13 @@ impl RedisBackend {
     }
 
     /// Runs a script on the shared connection within the command timeout.
-    async fn run<T: FromRedisValue>(
+    pub(crate) async fn run<T: FromRedisValue>(
         &self,
         invocation: ScriptInvocation<'static>,
     ) -> Result<T, BackendError> {
         self.guarded(async {
             let mut conn = self.connection.get().await?;
             invocation.invoke_async(&mut conn).await.map_err(classify)
-        })
-        .await
-    }
-
-    /// Runs a pipeline on the shared connection within the command timeout.
-    #[cfg(feature = "idempotency")]
-    async fn query<T: FromRedisValue>(
-        &self,
-        pipeline: &deadpool_redis::redis::Pipeline,
-    ) -> Result<T, BackendError> {
-        self.guarded(async {
-            let mut conn = self.connection.get().await?;
-            pipeline.query_async(&mut conn).await.map_err(classify)
         })
         .await
     }
@@ -442,69 +427,6 @@ impl RedisBackend {
             }
             None => tokio::time::sleep(timeout).await,
         }
-    }
-}
-
-/// Responses are hashes `{fingerprint, status, headers (JSON), body}` with an expiry,
-/// written in one `MULTI`.
-#[cfg(feature = "idempotency")]
-impl ResponseStore for RedisBackend {
-    async fn load(&self, key: &LockKey) -> Result<Option<StoredResponse>, BackendError> {
-        let mut pipeline = deadpool_redis::redis::pipe();
-        pipeline.cmd("HMGET").arg(self.response_key(key)).arg(&[
-            "fingerprint",
-            "status",
-            "headers",
-            "body",
-        ]);
-        type Fields = (Option<String>, Option<u16>, Option<String>, Option<Vec<u8>>);
-        let (fields,): (Fields,) = self.query(&pipeline).await?;
-        let (Some(fingerprint), Some(status), Some(headers), Some(body)) = fields else {
-            return Ok(None);
-        };
-        let headers = serde_json::from_str(&headers).map_err(|err| {
-            BackendError::Command(format!("stored response headers: {err}").into())
-        })?;
-        Ok(Some(StoredResponse {
-            fingerprint,
-            status,
-            headers,
-            body: body.into(),
-        }))
-    }
-
-    async fn store(
-        &self,
-        key: &LockKey,
-        response: &StoredResponse,
-        ttl: Duration,
-    ) -> Result<(), BackendError> {
-        let record = self.response_key(key);
-        let headers = serde_json::to_string(&response.headers)
-            .map_err(|err| BackendError::Command(err.to_string().into()))?;
-        let mut pipeline = deadpool_redis::redis::pipe();
-        pipeline
-            .atomic()
-            .del(&record)
-            .ignore()
-            .hset_multiple(
-                &record,
-                &[
-                    ("fingerprint", response.fingerprint.as_bytes()),
-                    ("headers", headers.as_bytes()),
-                ],
-            )
-            .ignore()
-            .hset(&record, "status", response.status)
-            .ignore()
-            .hset(&record, "body", response.body.as_ref())
-            .ignore()
-            .pexpire(
-                &record,
-                i64::try_from(lease_millis(ttl)).unwrap_or(i64::MAX),
-            )
-            .ignore();
-        self.query::<()>(&pipeline).await
     }
 }
 

@@ -91,17 +91,6 @@ impl<Backend: LockBackend> OwnedLock<Backend> {
         }
     }
 
-    /// Gives the lock up to its lease: no release, no renewal. For a holder that must
-    /// keep others out a while longer after it is done (its work could not be recorded).
-    #[cfg(feature = "idempotency")]
-    pub(crate) fn abandon(mut self) {
-        self.stop();
-        if let Some(mut guard) = self.guard.take() {
-            guard.keep_from_hand_off();
-            guard.disarm();
-        }
-    }
-
     /// Stops renewing and forgets the key in its request's set.
     fn stop(&mut self) {
         if self.guard.is_some() {

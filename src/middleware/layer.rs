@@ -99,10 +99,18 @@ impl LayerSettings {
         rejection: &LockRejection,
     ) -> Response<ResBody> {
         tracing::debug!(%rejection, "request answered by the lock layer");
-        let response = match &self.respond {
+        #[cfg_attr(not(feature = "idempotency"), allow(unused_mut))]
+        let mut response = match &self.respond {
             Some(respond) => respond(rejection),
             None => rejection.to_response(),
         };
+        // The handler did not run: an idempotency layer outside lets the key be retried.
+        #[cfg(feature = "idempotency")]
+        if !matches!(rejection, LockRejection::Lost { .. }) {
+            response
+                .extensions_mut()
+                .insert(crate::idempotency::Retryable);
+        }
         response.map(ResBody::from)
     }
 

@@ -100,6 +100,16 @@ impl Proxy {
         self.add_rule(pattern, delay, Target::Reply);
     }
 
+    /// [`delay_reply_to_request_containing`](Self::delay_reply_to_request_containing), for
+    /// a pattern in bytes (a script's SHA, a command name).
+    pub fn delay_reply_to(&self, pattern: &[u8], delay: Duration) {
+        self.faults.rules.lock().unwrap().push(Rule {
+            pattern: pattern.to_vec(),
+            delay,
+            target: Target::Reply,
+        });
+    }
+
     fn add_rule(&self, pattern: &str, delay: Duration, target: Target) {
         self.faults.rules.lock().unwrap().push(Rule {
             pattern: pattern.as_bytes().to_vec(),
