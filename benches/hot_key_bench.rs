@@ -49,7 +49,7 @@ use http::{Request, StatusCode};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 use tower_redis_lock::{
-    LockLayer, Locker, PathParam, RedisBackend,
+    LockLayer, Locker, PathKey, RedisBackend,
     deadpool_redis::{
         self, Pool, Runtime,
         redis::{self, aio::MultiplexedConnection},
@@ -257,7 +257,7 @@ fn router(args: &Args, mode: Mode, data: Data, sections: Sections) -> Router {
         StatusCode::OK
     }
     let url = args.redis_url.as_deref().expect("children get a URL");
-    let layer = LockLayer::new(backend(url, mode, args.workers), PathParam::new("key"))
+    let layer = LockLayer::new(backend(url, mode, args.workers), PathKey::new("key"))
         .max_wait(Duration::from_secs(120));
     let layer = match mode {
         Mode::Polling | Mode::Notify => layer.without_local_queue(),

@@ -19,7 +19,7 @@ use axum::{Router, body::Body, routing::post};
 use http::Request;
 use tower::ServiceExt;
 use tower_redis_lock::{
-    BackendError, InMemoryBackend, LockBackend, LockKey, LockLayer, PathParam, RedisBackend,
+    BackendError, InMemoryBackend, LockBackend, LockKey, LockLayer, PathKey, RedisBackend,
     RedlockBackend,
     deadpool_redis::{self, Runtime},
 };
@@ -65,7 +65,7 @@ fn summarize(mut samples: Vec<Duration>) -> Summary {
     }
 }
 
-fn router(lock: Option<LockLayer<impl LockBackend, PathParam>>) -> Router {
+fn router(lock: Option<LockLayer<impl LockBackend, PathKey>>) -> Router {
     let router = Router::new().route("/orders/{order_id}/pay", post(|| async { "ok" }));
     match lock {
         Some(layer) => router.route_layer(layer),
@@ -144,19 +144,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| server.as_ref().unwrap().url());
     let pool = deadpool_redis::Config::from_url(&url).create_pool(Some(Runtime::Tokio1))?;
 
-    let bare = router(None::<LockLayer<InMemoryBackend, PathParam>>);
+    let bare = router(None::<LockLayer<InMemoryBackend, PathKey>>);
     let memory = router(Some(LockLayer::new(
         InMemoryBackend::new(),
-        PathParam::new("order_id"),
+        PathKey::new("order_id"),
     )));
     let redis = router(Some(LockLayer::new(
         RedisBackend::new(pool.clone()),
-        PathParam::new("order_id"),
+        PathKey::new("order_id"),
     )));
     let fenced_backend = RedisBackend::new(pool.clone()).fencing(true);
     let fenced = router(Some(LockLayer::new(
         fenced_backend.clone(),
-        PathParam::new("order_id"),
+        PathKey::new("order_id"),
     )));
 
     let n = args.requests;

@@ -21,7 +21,7 @@ use std::{
 };
 
 use axum::{Router, routing::post};
-use tower_redis_lock::{InMemoryBackend, LockLayer, PathParam, RedisBackend};
+use tower_redis_lock::{InMemoryBackend, LockLayer, PathKey, RedisBackend};
 
 struct Args {
     requests: usize,
@@ -126,16 +126,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/bare/{key}", post(ok))
         .route(
             "/memory/{key}",
-            post(ok).layer(LockLayer::new(
-                InMemoryBackend::new(),
-                PathParam::new("key"),
-            )),
+            post(ok).layer(LockLayer::new(InMemoryBackend::new(), PathKey::new("key"))),
         )
         .route(
             "/redis/{key}",
             post(ok).layer(LockLayer::new(
                 RedisBackend::from_url(&redis_url)?,
-                PathParam::new("key"),
+                PathKey::new("key"),
             )),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

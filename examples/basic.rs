@@ -21,7 +21,7 @@ use axum::{
 };
 use serde::Deserialize;
 use tower_redis_lock::{
-    Held, InMemoryBackend, LockBackend, LockLayer, PathParam, RedisBackend,
+    Held, InMemoryBackend, LockBackend, LockLayer, PathKey, RedisBackend,
     deadpool_redis::{self, Runtime},
 };
 
@@ -69,7 +69,7 @@ fn app<B: LockBackend>(backend: B) -> Router {
     Router::new()
         .route("/orders/{order_id}/pay", post(pay))
         .route_layer(
-            LockLayer::new(backend, PathParam::new("order_id"))
+            LockLayer::new(backend, PathKey::new("order_id"))
                 .key_prefix("order:")
                 .max_wait(Duration::from_millis(100)),
         )

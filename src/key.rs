@@ -2,8 +2,8 @@
 //!
 //! A [`LockLayer`](crate::LockLayer) asks its [`MakeLockKey`] for the key of each request.
 //! Any closure `Fn(&Parts) -> Option<impl Into<LockKey>>` is one; the ready-made
-//! extractors cover the common cases: [`PathParam`] (a named axum path parameter),
-//! [`HeaderKey`] and [`QueryParam`]. `None` means "this request has no key": the layer
+//! extractors cover the common cases: [`PathKey`] (a named axum path parameter),
+//! [`HeaderKey`] and [`QueryKey`]. `None` means "this request has no key": the layer
 //! answers 400, or lets the request through unlocked when configured to.
 
 use std::{fmt, sync::Arc};
@@ -105,7 +105,7 @@ lock_key_from_integer!(u16, u32, u64, u128, usize, i16, i32, i64, i128, isize);
 /// Derives the lock key of a request.
 ///
 /// Implemented by every `Fn(&Parts) -> Option<K>` closure where `K: Into<LockKey>`, and by
-/// [`PathParam`], [`HeaderKey`] and [`QueryParam`]. The method takes `&mut Parts` so that
+/// [`PathKey`], [`HeaderKey`] and [`QueryKey`]. The method takes `&mut Parts` so that
 /// an implementation can run an axum extractor (which needs `&mut`); closures see `&Parts`.
 ///
 /// # Example
@@ -161,18 +161,18 @@ impl MakeLockKey for HeaderKey {
 ///
 /// The first occurrence wins; an absent or empty parameter gives no key.
 #[derive(Clone, Debug)]
-pub struct QueryParam {
+pub struct QueryKey {
     name: Arc<str>,
 }
 
-impl QueryParam {
+impl QueryKey {
     /// Keys by the query parameter `name`.
     pub fn new(name: impl Into<Arc<str>>) -> Self {
         Self { name: name.into() }
     }
 }
 
-impl MakeLockKey for QueryParam {
+impl MakeLockKey for QueryKey {
     fn make_lock_key(&self, parts: &mut Parts) -> Option<LockKey> {
         let query = parts.uri.query()?;
         form_urlencoded::parse(query.as_bytes())
@@ -183,7 +183,7 @@ impl MakeLockKey for QueryParam {
 }
 
 #[cfg(feature = "axum")]
-pub use self::path::PathParam;
+pub use self::path::PathKey;
 
 #[cfg(feature = "axum")]
 mod path {
@@ -199,7 +199,7 @@ mod path {
 
     use super::{LockKey, MakeLockKey};
 
-    /// Keys a request by a named axum path parameter: `PathParam::new("order_id")` on a
+    /// Keys a request by a named axum path parameter: `PathKey::new("order_id")` on a
     /// route `/orders/{order_id}/pay`.
     ///
     /// Path parameters exist once the router has matched a route, so the layer must sit
@@ -211,25 +211,25 @@ mod path {
     ///
     /// ```
     /// use axum::{Router, routing::post};
-    /// use tower_redis_lock::{InMemoryBackend, LockLayer, PathParam};
+    /// use tower_redis_lock::{InMemoryBackend, LockLayer, PathKey};
     ///
     /// let app: Router = Router::new()
     ///     .route("/orders/{order_id}/pay", post(|| async { "paid" }))
-    ///     .route_layer(LockLayer::new(InMemoryBackend::new(), PathParam::new("order_id")));
+    ///     .route_layer(LockLayer::new(InMemoryBackend::new(), PathKey::new("order_id")));
     /// ```
     #[derive(Clone, Debug)]
-    pub struct PathParam {
+    pub struct PathKey {
         name: Arc<str>,
     }
 
-    impl PathParam {
+    impl PathKey {
         /// Keys by the path parameter `name` (without braces).
         pub fn new(name: impl Into<Arc<str>>) -> Self {
             Self { name: name.into() }
         }
     }
 
-    impl MakeLockKey for PathParam {
+    impl MakeLockKey for PathKey {
         fn make_lock_key(&self, parts: &mut Parts) -> Option<LockKey> {
             // `RawPathParams` only reads an extension the router left behind; its future
             // never pends, so one poll is the whole extraction.
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn query_param_is_percent_decoded_and_first_wins() {
-        let key = QueryParam::new("id");
+        let key = QueryKey::new("id");
         assert_eq!(
             key.make_lock_key(&mut parts("/x?a=1&id=a%20b&id=2", None)),
             Some("a b".into())

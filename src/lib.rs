@@ -15,7 +15,7 @@
 //! # async fn run() {
 //! use std::time::Duration;
 //! use axum::{Router, routing::post};
-//! use tower_redis_lock::{Held, InMemoryBackend, LockLayer, PathParam};
+//! use tower_redis_lock::{Held, InMemoryBackend, LockLayer, PathKey};
 //!
 //! async fn pay(lock: Held) -> String {
 //!     // Pass `lock.fencing_token()` to the storage you write (see `Held::fencing_token`).
@@ -27,7 +27,7 @@
 //! let app: Router = Router::new()
 //!     .route("/orders/{order_id}/pay", post(pay))
 //!     .route_layer(
-//!         LockLayer::new(InMemoryBackend::new(), PathParam::new("order_id"))
+//!         LockLayer::new(InMemoryBackend::new(), PathKey::new("order_id"))
 //!             .key_prefix("order:")
 //!             .max_wait(Duration::from_millis(500)) // then 409 with Retry-After
 //!             .ttl(Duration::from_secs(10)),         // renewed while `pay` runs
@@ -41,10 +41,10 @@
 //! | you want | use |
 //! |---|---|
 //! | lock each request of a route | [`LockLayer`] (built on a [`Locker`]: [`LockLayer::new`], [`Locker::layer`]) |
-//! | the key from the path, a header, the query, or a closure | [`PathParam`], [`HeaderKey`], [`QueryParam`], any `Fn(&Parts) -> Option<K>` ([`MakeLockKey`], [`LockLayer::from_fn`]) |
+//! | the key from the path, a header, the query, or a closure | [`PathKey`], [`HeaderKey`], [`QueryKey`], any `Fn(&Parts) -> Option<K>` ([`MakeLockKey`], [`LockLayer::from_fn`]) |
 //! | the lock inside the handler: key, tokens, lease, loss | [`Held`] (an axum extractor) |
 //! | a lock taken inside a handler | [`Locker::lock`] → [`OwnedLock`] |
-//! | what happens on contention, missing keys, failures, loss | [`LockRejection`], [`MissingKey`], [`FailMode`], [`LossPolicy`] |
+//! | what happens on contention, missing keys, failures, loss | [`LockRejection`], [`MissingKeyPolicy`], [`BackendErrorPolicy`], [`LossPolicy`] |
 //! | where locks live | [`RedisBackend`] (one server or a Cluster), [`RedlockBackend`] (majority of independent servers), [`InMemoryBackend`] (one process); your own: [`LockBackend`] |
 //! | safe client retries | [`idempotency::IdempotencyLayer`] |
 //!
@@ -82,7 +82,7 @@
 //! |---|---|---|
 //! | `redis` | yes | [`RedisBackend`], [`RedlockBackend`], over deadpool-redis |
 //! | `cluster` | no | [`RedisBackend::cluster`], over a deadpool-redis Cluster pool |
-//! | `axum` | yes | the [`Held`] and [`Locker`] extractors, [`PathParam`], `IntoResponse` for rejections |
+//! | `axum` | yes | the [`Held`] and [`Locker`] extractors, [`PathKey`], `IntoResponse` for rejections |
 //! | `idempotency` | yes | [`idempotency::IdempotencyLayer`] |
 //! | `metrics` | yes | counters and histograms through the `metrics` facade |
 //!
@@ -118,10 +118,10 @@ mod extract;
 pub use crate::{
     backend::{BackendError, InMemoryBackend, LockBackend},
     held::Held,
-    key::{HeaderKey, LockKey, MakeLockKey, QueryParam},
+    key::{HeaderKey, LockKey, MakeLockKey, QueryKey},
     locker::{Locker, OwnedLock},
     middleware::{Lock, LockLayer, ResponseFuture},
-    policy::{FailMode, LossPolicy, MissingKey},
+    policy::{BackendErrorPolicy, LossPolicy, MissingKeyPolicy},
     rejection::{InvalidKey, LockRejection},
 };
 
@@ -131,7 +131,7 @@ pub use crate::backend::{RedisBackend, RedlockBackend};
 
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
-pub use crate::{extract::MissingLock, key::PathParam};
+pub use crate::{extract::MissingLock, key::PathKey};
 
 /// The deadpool-redis crate this one is built against, for pools of matching versions.
 #[cfg(feature = "redis")]

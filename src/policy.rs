@@ -3,7 +3,7 @@
 /// What to do with a request whose key function found no key.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum MissingKey {
+pub enum MissingKeyPolicy {
     /// Answer 400 (the default).
     #[default]
     Reject,
@@ -14,7 +14,7 @@ pub enum MissingKey {
 /// What to do when the backend cannot be reached or fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum FailMode {
+pub enum BackendErrorPolicy {
     /// Answer 503 with `Retry-After` (the default): no handler runs unlocked.
     #[default]
     Closed,

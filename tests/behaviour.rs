@@ -19,7 +19,7 @@ use axum::{
 use http::StatusCode;
 use support::{APP_TIMEOUT, Counter, Harness, app, eventually, serve};
 use tower_redis_lock::{
-    Held, LockBackend, LockKey, LockLayer, LockRejection, Locker, PathParam, backend::Acquire,
+    Held, LockBackend, LockKey, LockLayer, LockRejection, Locker, PathKey, backend::Acquire,
 };
 use uuid::Uuid;
 
@@ -388,7 +388,7 @@ async fn fencing_tokens_increase_in_acquisition_order(harness: &impl Harness) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut urls = Vec::new();
     for _ in 0..2 {
-        let layer = LockLayer::new(harness.fenced_instance(), PathParam::new("id"))
+        let layer = LockLayer::new(harness.fenced_instance(), PathKey::new("id"))
             .max_wait(Duration::from_secs(2));
         let router = Router::new()
             .route("/fenced/{id}", post(record))
@@ -545,9 +545,8 @@ async fn locker_in_a_handler<H: Harness>(harness: &H) {
         .route("/twice", post(twice::<H::Backend>))
         .route(
             "/under-layer/{id}",
-            post(under_layer::<H::Backend>).layer(
-                LockLayer::new(harness.instance(), PathParam::new("id")).key_prefix("acct:"),
-            ),
+            post(under_layer::<H::Backend>)
+                .layer(LockLayer::new(harness.instance(), PathKey::new("id")).key_prefix("acct:")),
         )
         .with_state(TransferState {
             locker,

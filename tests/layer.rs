@@ -12,8 +12,8 @@ use axum::{
 use http::{HeaderName, Request, Response, StatusCode, request::Parts};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_redis_lock::{
-    FailMode, HeaderKey, Held, InMemoryBackend, LockBackend, LockKey, LockLayer, MissingKey,
-    PathParam, QueryParam, backend::Acquire,
+    BackendErrorPolicy, HeaderKey, Held, InMemoryBackend, LockBackend, LockKey, LockLayer,
+    MissingKeyPolicy, PathKey, QueryKey, backend::Acquire,
 };
 use uuid::Uuid;
 
@@ -64,7 +64,7 @@ async fn hold(backend: &InMemoryBackend, key: &str) -> Uuid {
 #[tokio::test]
 async fn path_param_works_with_every_way_of_adding_the_layer() {
     let backend = InMemoryBackend::new();
-    let layer = LockLayer::new(backend.clone(), PathParam::new("id")).max_wait(Duration::ZERO);
+    let layer = LockLayer::new(backend.clone(), PathKey::new("id")).max_wait(Duration::ZERO);
     let router = Router::new()
         .route("/route-layer/{id}", post(whoami))
         .route_layer(layer.clone().key_prefix("a:"));
@@ -108,10 +108,7 @@ async fn path_param_works_with_every_way_of_adding_the_layer() {
 async fn path_param_is_percent_decoded() {
     let router = Router::new()
         .route("/items/{sku}", post(whoami))
-        .route_layer(LockLayer::new(
-            InMemoryBackend::new(),
-            PathParam::new("sku"),
-        ));
+        .route_layer(LockLayer::new(InMemoryBackend::new(), PathKey::new("sku")));
     assert_eq!(
         call(&router, "POST", "/items/a%20b").await,
         (StatusCode::OK, "a b".into())
@@ -137,7 +134,7 @@ async fn header_query_and_closure_keys() {
         .merge(
             Router::new()
                 .route("/query", post(whoami))
-                .route_layer(LockLayer::new(backend.clone(), QueryParam::new("order"))),
+                .route_layer(LockLayer::new(backend.clone(), QueryKey::new("order"))),
         )
         .merge(
             Router::new()
@@ -168,10 +165,10 @@ async fn a_missing_key_answers_400_unless_passed_through() {
     let backend = InMemoryBackend::new();
     let strict = Router::new()
         .route("/strict", post(whoami))
-        .route_layer(LockLayer::new(backend.clone(), QueryParam::new("order")));
+        .route_layer(LockLayer::new(backend.clone(), QueryKey::new("order")));
     let lenient = Router::new().route("/lenient", post(whoami)).route_layer(
-        LockLayer::new(backend.clone(), QueryParam::new("order"))
-            .on_missing_key(MissingKey::PassThrough),
+        LockLayer::new(backend.clone(), QueryKey::new("order"))
+            .on_missing_key(MissingKeyPolicy::PassThrough),
     );
 
     let (status, body) = call(&strict, "POST", "/strict").await;
@@ -227,7 +224,7 @@ async fn empty_and_oversized_keys_answer_400() {
 #[tokio::test]
 async fn prefixes_keep_two_routes_apart() {
     let backend = InMemoryBackend::new();
-    let layer = LockLayer::new(backend.clone(), PathParam::new("id")).max_wait(Duration::ZERO);
+    let layer = LockLayer::new(backend.clone(), PathKey::new("id")).max_wait(Duration::ZERO);
     let router = Router::new()
         .route("/pay/{id}", post(whoami))
         .route_layer(layer.clone().key_prefix("pay:"))
@@ -269,7 +266,7 @@ async fn custom_rejection_response_replaces_the_default() {
     let backend = InMemoryBackend::new();
     hold(&backend, "busy").await;
     let router = Router::new().route("/{id}", post(whoami)).route_layer(
-        LockLayer::new(backend, PathParam::new("id"))
+        LockLayer::new(backend, PathKey::new("id"))
             .max_wait(Duration::ZERO)
             .rejection_response(|rejection| {
                 let mut response =
@@ -290,7 +287,7 @@ async fn custom_rejection_response_replaces_the_default() {
 async fn inner_errors_pass_through_and_release() {
     let backend = InMemoryBackend::new();
     let service = ServiceBuilder::new()
-        .layer(LockLayer::new(backend.clone(), QueryParam::new("id")))
+        .layer(LockLayer::new(backend.clone(), QueryKey::new("id")))
         .service(service_fn(|request: Request<Body>| async move {
             assert!(request.extensions().get::<Held>().is_some());
             if request.uri().query() == Some("id=fail") {
@@ -311,7 +308,7 @@ async fn inner_errors_pass_through_and_release() {
 }
 
 /// A backend that is down: 503 with `Retry-After` by default; the handler runs unlocked
-/// only with `FailMode::Open`.
+/// only with `BackendErrorPolicy::Open`.
 #[tokio::test]
 async fn backend_failure_answers_503_or_fails_open() {
     #[derive(Clone, Debug)]
@@ -343,9 +340,9 @@ async fn backend_failure_answers_503_or_fails_open() {
             Ok(false)
         }
     }
-    let closed = Router::new().route("/{id}", post(whoami)).route_layer(
-        LockLayer::new(Down, PathParam::new("id")).max_wait(Duration::from_millis(50)),
-    );
+    let closed = Router::new()
+        .route("/{id}", post(whoami))
+        .route_layer(LockLayer::new(Down, PathKey::new("id")).max_wait(Duration::from_millis(50)));
     let response = closed
         .oneshot(Request::post("/1").body(Body::empty()).unwrap())
         .await
@@ -357,9 +354,9 @@ async fn backend_failure_answers_503_or_fails_open() {
         "application/problem+json"
     );
 
-    let open = Router::new()
-        .route("/{id}", post(whoami))
-        .route_layer(LockLayer::new(Down, PathParam::new("id")).on_backend_error(FailMode::Open));
+    let open = Router::new().route("/{id}", post(whoami)).route_layer(
+        LockLayer::new(Down, PathKey::new("id")).on_backend_error(BackendErrorPolicy::Open),
+    );
     assert_eq!(
         call(&open, "POST", "/1").await,
         (StatusCode::OK, "unlocked".into())
@@ -370,10 +367,7 @@ async fn backend_failure_answers_503_or_fails_open() {
 fn response_future_is_send() {
     fn assert_send<T: Send>(_: &T) {}
     let mut service = ServiceBuilder::new()
-        .layer(LockLayer::new(
-            InMemoryBackend::new(),
-            QueryParam::new("id"),
-        ))
+        .layer(LockLayer::new(InMemoryBackend::new(), QueryKey::new("id")))
         .service(service_fn(|_: Request<Body>| async {
             Ok::<_, Infallible>(Response::new(Body::empty()))
         }));
@@ -387,7 +381,7 @@ fn response_future_is_send() {
 fn dropping_a_locked_request_after_its_runtime_does_not_panic() {
     let backend = InMemoryBackend::new();
     let mut service = ServiceBuilder::new()
-        .layer(LockLayer::new(backend.clone(), QueryParam::new("id")))
+        .layer(LockLayer::new(backend.clone(), QueryKey::new("id")))
         .service(service_fn(|_: Request<Body>| {
             std::future::pending::<Result<Response<Body>, Infallible>>()
         }));

@@ -14,7 +14,7 @@ use deadpool_redis::redis::cmd;
 use http::StatusCode;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use support::{Counter, RedisServer, app, pool, serve};
-use tower_redis_lock::{Held, LockLayer, LossPolicy, PathParam, RedisBackend};
+use tower_redis_lock::{Held, LockLayer, LossPolicy, PathKey, RedisBackend};
 
 const TTL: Duration = Duration::from_secs(1);
 
@@ -83,7 +83,7 @@ async fn signal_lets_the_handler_decide() {
         }
     }
     let server = RedisServer::spawn();
-    let layer = LockLayer::new(backend(&server), PathParam::new("id"))
+    let layer = LockLayer::new(backend(&server), PathKey::new("id"))
         .ttl(TTL)
         .on_lock_lost(LossPolicy::Signal);
     let url = serve(
@@ -205,7 +205,7 @@ async fn a_handler_that_blocks_past_its_lease_does_not_answer_success() {
     let class = "blocking";
     let before = lost_total(class);
     let instance = || {
-        let layer = LockLayer::new(backend(&server), PathParam::new("id"))
+        let layer = LockLayer::new(backend(&server), PathKey::new("id"))
             .ttl(TTL)
             .max_wait(Duration::from_secs(3))
             .metrics_class(class);

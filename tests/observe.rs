@@ -16,7 +16,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use support::{RedisServer, pool};
 use tower::ServiceExt;
 use tower_redis_lock::{
-    InMemoryBackend, LockBackend, LockKey, LockLayer, Locker, PathParam, RedisBackend,
+    InMemoryBackend, LockBackend, LockKey, LockLayer, Locker, PathKey, RedisBackend,
     backend::Acquire,
 };
 use tracing_subscriber::fmt::format::FmtSpan;
@@ -72,7 +72,7 @@ async fn metrics_and_spans_tell_each_outcome_by_class() {
             }),
         )
         .route_layer(
-            LockLayer::new(backend.clone(), PathParam::new("id"))
+            LockLayer::new(backend.clone(), PathKey::new("id"))
                 .key_prefix("pay:")
                 .max_wait(Duration::ZERO),
         );

@@ -22,7 +22,7 @@ use axum::{
 use deadpool_redis::redis::cmd;
 use support::{RedisServer, eventually, pool, serve};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_redis_lock::{LockLayer, PathParam, RedisBackend};
+use tower_redis_lock::{LockLayer, PathKey, RedisBackend};
 
 const REQUESTS: usize = 20_000;
 const KEYS: usize = 1_000;
@@ -87,7 +87,7 @@ async fn soak() {
     for _ in 0..2 {
         let backend = RedisBackend::new(pool(&server.url()))
             .notify_with(deadpool_redis::redis::Client::open(server.url()).unwrap());
-        let layer = LockLayer::new(backend, PathParam::new("key"))
+        let layer = LockLayer::new(backend, PathKey::new("key"))
             .key_prefix("soak:")
             .max_wait(Duration::from_secs(5));
         layers.push(layer.clone());

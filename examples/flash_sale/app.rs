@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tower::{BoxError, ServiceBuilder};
 use tower_redis_lock::{
-    Held, LockBackend, LockLayer, LockRejection, LossPolicy, PathParam,
+    Held, LockBackend, LockLayer, LockRejection, LossPolicy, PathKey,
     deadpool_redis::{Pool, redis},
     idempotency::{IdempotencyKey, IdempotencyLayer, ResponseStore, Retryable},
 };
@@ -723,7 +723,7 @@ where
     // One layer, so that creation, restocks and the buys of one SKU share a line. A buy is
     // idempotent by itself (one order per key), so every answer of this lock, "lock lost"
     // included, lets the same key be retried.
-    let item_lock = LockLayer::new(locks, PathParam::new("sku"))
+    let item_lock = LockLayer::new(locks, PathKey::new("sku"))
         .key_prefix("sku:")
         .max_wait(Duration::from_millis(500))
         .ttl(Duration::from_secs(5))

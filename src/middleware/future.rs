@@ -20,7 +20,7 @@ use crate::{
     held::Held,
     locker::{Acquired, LockGuard, Locker, ReleaseOutcome, Watchdog, loss_on_release, note_loss},
     observe::{self, Outcome},
-    policy::{FailMode, LossPolicy},
+    policy::{BackendErrorPolicy, LossPolicy},
     rejection::LockRejection,
 };
 
@@ -175,7 +175,7 @@ where
                             }
                         }
                         Err(LockRejection::Unavailable { source, .. })
-                            if this.settings.fail_mode == FailMode::Open =>
+                            if this.settings.fail_mode == BackendErrorPolicy::Open =>
                         {
                             tracing::warn!(error = %source, "lock backend failed; serving unlocked (fail-open)");
                             this.span.record("outcome", Outcome::Unavailable.as_str());

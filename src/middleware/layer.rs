@@ -11,7 +11,7 @@ use crate::{
     backend::LockBackend,
     key::{LockKey, MakeLockKey},
     locker::{Locker, Loss},
-    policy::{FailMode, LossPolicy, MissingKey},
+    policy::{BackendErrorPolicy, LossPolicy, MissingKeyPolicy},
     rejection::LockRejection,
 };
 
@@ -27,9 +27,9 @@ use crate::{
 /// |---|---|
 /// | acquired | the inner service's response |
 /// | still held when `max_wait` ends | 409 (or [`contended_status`](Self::contended_status)), `Retry-After` |
-/// | no key | 400, or the inner service unlocked with [`MissingKey::PassThrough`] |
+/// | no key | 400, or the inner service unlocked with [`MissingKeyPolicy::PassThrough`] |
 /// | empty or over-long key | 400 |
-/// | backend unavailable | 503, `Retry-After`; the inner service unlocked with [`FailMode::Open`] |
+/// | backend unavailable | 503, `Retry-After`; the inner service unlocked with [`BackendErrorPolicy::Open`] |
 /// | lock lost while the handler runs | 503 and the handler dropped ([`LossPolicy::Abort`]), or the handler told ([`LossPolicy::Signal`]) |
 ///
 /// The layer is a face of a [`Locker`]: [`LockLayer::new`] makes a locker of its own,
@@ -55,7 +55,7 @@ use crate::{
 /// # fn main() {
 /// use std::time::Duration;
 /// use axum::{Router, routing::post};
-/// use tower_redis_lock::{Held, InMemoryBackend, LockLayer, PathParam};
+/// use tower_redis_lock::{Held, InMemoryBackend, LockLayer, PathKey};
 ///
 /// async fn pay(lock: Held) -> String {
 ///     format!("paid under {}", lock.key())
@@ -64,7 +64,7 @@ use crate::{
 /// let app: Router = Router::new()
 ///     .route("/orders/{order_id}/pay", post(pay))
 ///     .route_layer(
-///         LockLayer::new(InMemoryBackend::new(), PathParam::new("order_id"))
+///         LockLayer::new(InMemoryBackend::new(), PathKey::new("order_id"))
 ///             .key_prefix("order:")
 ///             .max_wait(Duration::from_millis(500))
 ///             .ttl(Duration::from_secs(10)),
@@ -87,8 +87,8 @@ type RejectionResponder = Arc<dyn Fn(&LockRejection) -> Response<Bytes> + Send +
 #[derive(Clone, Default)]
 pub(crate) struct LayerSettings {
     pub(crate) loss_policy: LossPolicy,
-    pub(crate) missing_key: MissingKey,
-    pub(crate) fail_mode: FailMode,
+    pub(crate) missing_key: MissingKeyPolicy,
+    pub(crate) fail_mode: BackendErrorPolicy,
     pub(crate) respond: Option<RejectionResponder>,
 }
 
@@ -269,13 +269,13 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
     }
 
     /// What to do when the key function finds no key (default: 400).
-    pub fn on_missing_key(mut self, missing: MissingKey) -> Self {
+    pub fn on_missing_key(mut self, missing: MissingKeyPolicy) -> Self {
         self.settings_mut().missing_key = missing;
         self
     }
 
     /// What to do when the backend fails (default: 503).
-    pub fn on_backend_error(mut self, mode: FailMode) -> Self {
+    pub fn on_backend_error(mut self, mode: BackendErrorPolicy) -> Self {
         self.settings_mut().fail_mode = mode;
         self
     }
@@ -287,9 +287,9 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
     /// ```
     /// use bytes::Bytes;
     /// use http::{Response, header};
-    /// use tower_redis_lock::{InMemoryBackend, LockLayer, LockRejection, QueryParam};
+    /// use tower_redis_lock::{InMemoryBackend, LockLayer, LockRejection, QueryKey};
     ///
-    /// let layer = LockLayer::new(InMemoryBackend::new(), QueryParam::new("cart"))
+    /// let layer = LockLayer::new(InMemoryBackend::new(), QueryKey::new("cart"))
     ///     .rejection_response(|rejection: &LockRejection| {
     ///         let body = format!("{{\"error\":\"{}\"}}", rejection.status().as_u16());
     ///         let mut response = Response::new(Bytes::from(body));

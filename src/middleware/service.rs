@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::{future::ResponseFuture, layer::LayerSettings};
 use crate::{
-    backend::LockBackend, key::MakeLockKey, locker::Locker, observe, policy::MissingKey,
+    backend::LockBackend, key::MakeLockKey, locker::Locker, observe, policy::MissingKeyPolicy,
     rejection::LockRejection,
 };
 
@@ -78,7 +78,7 @@ where
         let class = self.locker.class();
         let key = match key {
             Some(key) => self.locker.settings().lock_key(key),
-            None if self.settings.missing_key == MissingKey::PassThrough => {
+            None if self.settings.missing_key == MissingKeyPolicy::PassThrough => {
                 return ResponseFuture::unlocked(self.inner.call(request), self.settings.clone());
             }
             None => Err(LockRejection::MissingKey),

@@ -23,7 +23,7 @@ use deadpool_redis::{Pool, Runtime, Timeouts, redis::AsyncCommands};
 use serde::Deserialize;
 use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer};
 use tower_redis_lock::{
-    Held, InMemoryBackend, LockBackend, LockLayer, PathParam, RedisBackend, RedlockBackend,
+    Held, InMemoryBackend, LockBackend, LockLayer, PathKey, RedisBackend, RedlockBackend,
 };
 
 pub use self::redis_server::RedisServer;
@@ -252,9 +252,9 @@ async fn pay(
 pub fn app<B: LockBackend>(
     backend: B,
     counter: Counter,
-    configure: impl FnOnce(LockLayer<B, PathParam>) -> LockLayer<B, PathParam>,
+    configure: impl FnOnce(LockLayer<B, PathKey>) -> LockLayer<B, PathKey>,
 ) -> Router {
-    let lock = configure(LockLayer::new(backend, PathParam::new("order_id")).key_prefix("order:"));
+    let lock = configure(LockLayer::new(backend, PathKey::new("order_id")).key_prefix("order:"));
     Router::new()
         .route("/orders/{order_id}/pay", post(pay))
         .route_layer(lock)
