@@ -726,10 +726,14 @@ macro_rules! fencing_tests {
 behaviour_tests!(memory, support::Memory::new());
 behaviour_tests!(redis, support::Redis::spawn());
 behaviour_tests!(redlock, support::Redlock::spawn(5));
+#[cfg(feature = "cluster")]
+behaviour_tests!(cluster, support::Cluster::spawn());
 
 mod fencing {
     use super::*;
 
     fencing_tests!(memory, support::Memory::new());
     fencing_tests!(redis, support::Redis::spawn());
+    #[cfg(feature = "cluster")]
+    fencing_tests!(cluster, support::Cluster::spawn());
 }

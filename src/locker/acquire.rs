@@ -204,12 +204,16 @@ async fn take_over<B: LockBackend>(
             Ok(Acquired { guard, held })
         }
         // The lease ran out on the way and someone else has the lock now: ask for it
-        // like the first in line, with a token of our own.
+        // like the first in line, with a token of our own, if time is left (the take-over
+        // was this wait's one operation past its deadline).
         Ok(Acquire::Held { remaining }) => {
             let backend = guard.backend().clone();
             let Some((turn, queue)) = guard.into_turn() else {
                 return Err(AcquireError::Contended { remaining });
             };
+            if Instant::now() >= deadline {
+                return Err(AcquireError::Contended { remaining });
+            }
             let fresh = LockGuard::disarmed(backend, key, Uuid::new_v4());
             let acquired = from_backend(fresh, policy, deadline, Some(queue)).await?;
             turn.used();
@@ -220,6 +224,10 @@ async fn take_over<B: LockBackend>(
         Err(err) => {
             tracing::debug!(key = %guard.key(), error = %err, "taking over a handed-off lock failed");
             guard.keep_from_hand_off();
+            if Instant::now() >= deadline {
+                // The guard releases the token in the background as it drops.
+                return Err(AcquireError::Unavailable(err));
+            }
             if !guard.backend().retry_with_same_token() {
                 guard.new_token();
             }
@@ -500,5 +508,105 @@ mod line_tests {
         first.guard.release(Duration::from_secs(1)).await;
         assert_eq!(queues.busy_keys(), 0);
         assert_eq!(backend.inner.held_count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    //! A request is answered at most `max_wait` plus one backend operation after it asks.
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::Duration,
+    };
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::{
+        backend::{InMemoryBackend, Released},
+        line::Line,
+    };
+
+    /// The in-process backend, one second per acquire attempt.
+    #[derive(Clone, Default)]
+    struct Slow {
+        inner: InMemoryBackend,
+        acquires: Arc<AtomicUsize>,
+    }
+
+    impl LockBackend for Slow {
+        async fn try_acquire(
+            &self,
+            key: &LockKey,
+            token: Uuid,
+            ttl: Duration,
+        ) -> Result<Acquire, BackendError> {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.acquires.fetch_add(1, Ordering::SeqCst);
+            self.inner.try_acquire(key, token, ttl).await
+        }
+        async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
+            self.inner.release(key, token).await
+        }
+        async fn extend(
+            &self,
+            key: &LockKey,
+            token: Uuid,
+            ttl: Duration,
+        ) -> Result<bool, BackendError> {
+            self.inner.extend(key, token, ttl).await
+        }
+    }
+
+    /// A hand-off whose take-over finds the lock taken by someone else (its lease ran out
+    /// on the way): the waiter answers "contended" after that one call, instead of asking
+    /// again past its deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_take_over_makes_no_call_past_the_deadline() {
+        let backend = Slow::default();
+        let line = Line::new(8);
+        let key = LockKey::from("k");
+        let policy = WaitPolicy {
+            ttl: Duration::from_secs(10),
+            max_wait: Duration::from_millis(500),
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_millis(250),
+            },
+            // Without renewal a take-over always asks the backend.
+            renews: false,
+        };
+        let holder = acquire(backend.clone(), key.clone(), policy, Some(line.clone()))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let waiter = tokio::spawn(acquire(
+            backend.clone(),
+            key.clone(),
+            policy,
+            Some(line.clone()),
+        ));
+        tokio::task::yield_now().await;
+        // Behind the holder's back, its lock goes to another owner.
+        backend
+            .inner
+            .release(&key, holder.held.token())
+            .await
+            .unwrap();
+        backend
+            .inner
+            .try_acquire(&key, Uuid::new_v4(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let before = backend.acquires.load(Ordering::SeqCst);
+        holder.guard.release(Duration::from_secs(1)).await; // hands off to the waiter
+        let answer = waiter.await.unwrap();
+        assert!(matches!(answer, Err(AcquireError::Contended { .. })));
+        assert_eq!(
+            backend.acquires.load(Ordering::SeqCst) - before,
+            1,
+            "a second call after the take-over"
+        );
+        assert!(Instant::now() - started <= Duration::from_millis(1600));
     }
 }
