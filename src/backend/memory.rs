@@ -68,6 +68,7 @@ impl InMemoryBackend {
     }
 
     /// Whether `token` holds the lock on `key` now.
+    #[cfg(feature = "idempotency")]
     pub(crate) fn holds(&self, key: &LockKey, token: Uuid) -> bool {
         let now = Instant::now();
         self.with_locks(|locks| {
