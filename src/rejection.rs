@@ -16,6 +16,7 @@ use crate::{backend::BackendError, observe::Outcome};
 pub enum LockRejection {
     /// The lock was still held by another request when the wait ended.
     #[error("the resource is locked by another request")]
+    #[non_exhaustive]
     Contended {
         /// The status to answer with: 409 by default, 423 when configured.
         status: StatusCode,
@@ -35,6 +36,7 @@ pub enum LockRejection {
     } else {
         "the lock was taken away while the request was handled"
     })]
+    #[non_exhaustive]
     Lost {
         /// Whether renewals failed until the lease ended (rather than finding the lock gone).
         expired: bool,
@@ -47,6 +49,7 @@ pub enum LockRejection {
     AlreadyHeld,
     /// The backend could not be reached or refused the command.
     #[error("the lock service is unavailable")]
+    #[non_exhaustive]
     Unavailable {
         /// What went wrong.
         #[source]

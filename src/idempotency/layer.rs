@@ -92,17 +92,17 @@ pub(super) struct Config {
 ///     .route_layer(IdempotencyLayer::new(InMemoryBackend::new(), by_api_key));
 /// ```
 #[must_use]
-pub struct IdempotencyLayer<B: LockBackend> {
-    backend: B,
-    locker: Locker<B>,
+pub struct IdempotencyLayer<Backend: LockBackend> {
+    backend: Backend,
+    locker: Locker<Backend>,
     config: Arc<Config>,
 }
 
-impl<B: LockBackend + ResponseStore> IdempotencyLayer<B> {
+impl<Backend: LockBackend + ResponseStore> IdempotencyLayer<Backend> {
     /// Idempotency on `backend`, keys scoped by the caller that `principal` names (a
     /// request it names no one for gets 400): the `Idempotency-Key` header required,
     /// records kept 24 h, request bodies up to 1 MiB, kept bodies up to 64 KiB.
-    pub fn new<F>(backend: B, principal: F) -> Self
+    pub fn new<F>(backend: Backend, principal: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
     {
@@ -114,11 +114,11 @@ impl<B: LockBackend + ResponseStore> IdempotencyLayer<B> {
     /// its body), and its own request never runs. Only for routes where that is intended
     /// (one trusted caller, keys that are unguessable and never reused); otherwise use
     /// [`new`](Self::new).
-    pub fn shared_by_all_callers(backend: B) -> Self {
+    pub fn shared_by_all_callers(backend: Backend) -> Self {
         Self::with_principal(backend, None)
     }
 
-    fn with_principal(backend: B, principal: Option<Principal>) -> Self {
+    fn with_principal(backend: Backend, principal: Option<Principal>) -> Self {
         let locker = Locker::new(backend.clone())
             .metrics_class("idempotency")
             .max_wait(Duration::ZERO)
@@ -142,7 +142,7 @@ impl<B: LockBackend + ResponseStore> IdempotencyLayer<B> {
     }
 }
 
-impl<B: LockBackend> IdempotencyLayer<B> {
+impl<Backend: LockBackend> IdempotencyLayer<Backend> {
     fn config_mut(&mut self) -> &mut Config {
         Arc::make_mut(&mut self.config)
     }
@@ -222,8 +222,8 @@ impl<B: LockBackend> IdempotencyLayer<B> {
     }
 }
 
-impl<S, B: LockBackend> Layer<S> for IdempotencyLayer<B> {
-    type Service = Idempotency<S, B>;
+impl<S, Backend: LockBackend> Layer<S> for IdempotencyLayer<Backend> {
+    type Service = Idempotency<S, Backend>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::new(
@@ -235,7 +235,7 @@ impl<S, B: LockBackend> Layer<S> for IdempotencyLayer<B> {
     }
 }
 
-impl<B: LockBackend> Clone for IdempotencyLayer<B> {
+impl<Backend: LockBackend> Clone for IdempotencyLayer<Backend> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
@@ -245,7 +245,7 @@ impl<B: LockBackend> Clone for IdempotencyLayer<B> {
     }
 }
 
-impl<B: LockBackend + fmt::Debug> fmt::Debug for IdempotencyLayer<B> {
+impl<Backend: LockBackend + fmt::Debug> fmt::Debug for IdempotencyLayer<Backend> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyLayer")
             .field("backend", &self.backend)

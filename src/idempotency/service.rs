@@ -38,19 +38,19 @@ use crate::{
 };
 
 /// The service built by [`IdempotencyLayer`](super::IdempotencyLayer).
-pub struct Idempotency<S, B: LockBackend> {
+pub struct Idempotency<S, Backend: LockBackend> {
     inner: S,
-    shared: Shared<B>,
+    shared: Shared<Backend>,
 }
 
 /// What every request of the layer uses.
-struct Shared<B: LockBackend> {
-    backend: B,
-    locker: Locker<B>,
+struct Shared<Backend: LockBackend> {
+    backend: Backend,
+    locker: Locker<Backend>,
     config: Arc<Config>,
 }
 
-impl<B: LockBackend> Clone for Shared<B> {
+impl<Backend: LockBackend> Clone for Shared<Backend> {
     fn clone(&self) -> Self {
         Self {
             backend: self.backend.clone(),
@@ -60,8 +60,13 @@ impl<B: LockBackend> Clone for Shared<B> {
     }
 }
 
-impl<S, B: LockBackend> Idempotency<S, B> {
-    pub(super) fn new(inner: S, backend: B, locker: Locker<B>, config: Arc<Config>) -> Self {
+impl<S, Backend: LockBackend> Idempotency<S, Backend> {
+    pub(super) fn new(
+        inner: S,
+        backend: Backend,
+        locker: Locker<Backend>,
+        config: Arc<Config>,
+    ) -> Self {
         Self {
             inner,
             shared: Shared {
@@ -88,7 +93,7 @@ impl<S, B: LockBackend> Idempotency<S, B> {
     }
 }
 
-impl<S: Clone, B: LockBackend> Clone for Idempotency<S, B> {
+impl<S: Clone, Backend: LockBackend> Clone for Idempotency<S, Backend> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -97,7 +102,7 @@ impl<S: Clone, B: LockBackend> Clone for Idempotency<S, B> {
     }
 }
 
-impl<S: fmt::Debug, B: LockBackend + fmt::Debug> fmt::Debug for Idempotency<S, B> {
+impl<S: fmt::Debug, Backend: LockBackend + fmt::Debug> fmt::Debug for Idempotency<S, Backend> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotency")
             .field("inner", &self.inner)
@@ -106,11 +111,11 @@ impl<S: fmt::Debug, B: LockBackend + fmt::Debug> fmt::Debug for Idempotency<S, B
     }
 }
 
-impl<S, B> Service<Request<Body>> for Idempotency<S, B>
+impl<S, Backend> Service<Request<Body>> for Idempotency<S, Backend>
 where
     S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
-    B: LockBackend + ResponseStore,
+    Backend: LockBackend + ResponseStore,
 {
     type Response = Response;
     type Error = Infallible;
@@ -140,7 +145,7 @@ enum Ended {
     Panicked(Box<dyn Any + Send>),
 }
 
-impl<B: LockBackend + ResponseStore> Shared<B> {
+impl<Backend: LockBackend + ResponseStore> Shared<Backend> {
     async fn run<S>(self, mut inner: S, request: Request<Body>) -> Response
     where
         S: Service<Request<Body>, Response = Response, Error = Infallible> + Send + 'static,
@@ -220,7 +225,7 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
         self,
         inner: S,
         request: Request<Body>,
-        lock: OwnedLock<B>,
+        lock: OwnedLock<Backend>,
         record: LockKey,
         fingerprint: String,
     ) -> Ended
@@ -260,7 +265,7 @@ impl<B: LockBackend + ResponseStore> Shared<B> {
         self,
         mut inner: S,
         request: Request<Body>,
-        lock: OwnedLock<B>,
+        lock: OwnedLock<Backend>,
         record: LockKey,
         owner: Uuid,
     ) -> Ended
