@@ -10,11 +10,11 @@ use super::{ResponseStore, service::Idempotency};
 use crate::{backend::LockBackend, locker::Locker, policy::LossPolicy};
 
 /// Default time a record is kept (and a started request's key stays taken).
-pub const DEFAULT_RESPONSE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_RESPONSE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default largest request body read for the fingerprint.
-pub const DEFAULT_MAX_REQUEST_BODY: usize = 1 << 20;
+pub(crate) const DEFAULT_MAX_REQUEST_BODY: usize = 1 << 20;
 /// Default largest response body kept for replay.
-pub const DEFAULT_MAX_STORED_BODY: usize = 64 << 10;
+pub(crate) const DEFAULT_MAX_STORED_BODY: usize = 64 << 10;
 
 /// The header that says a response is a replay.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");

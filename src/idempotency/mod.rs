@@ -22,10 +22,7 @@ pub(crate) use self::memory_store::MemoryRecords;
 pub use self::store::{Finished, Record, RecordState, ResponseStore, StoredResponse, Unreplayable};
 #[cfg(feature = "axum")]
 pub use self::{
-    layer::{
-        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_STORED_BODY, DEFAULT_RESPONSE_TTL,
-        IDEMPOTENT_REPLAYED, IdempotencyLayer,
-    },
+    layer::{IDEMPOTENT_REPLAYED, IdempotencyLayer},
     service::Idempotency,
 };
 
