@@ -136,6 +136,14 @@ return {0, stock, tonumber(redis.call('HGET', KEYS[1], 'sold'))}
 /// (a holder that stalled past its lease cannot write over a newer holder's read) and its
 /// order `ARGV[3]` is not there yet (a repeated commit is a no-op): `{"0", order}` when
 /// written, `{"1", order}` when it was there, `{"-1"}` stale, `{"-3"}` not enough stock.
+///
+/// An *equal* token is accepted: one holder reads, then commits, under the same token.
+/// That stays safe even where tokens could repeat (a counter lost with an `everysec` AOF,
+/// see the README): this script re-checks the stock and the order's absence itself, in
+/// one atomic step, so two holders that shared a token could only interleave two valid
+/// sales, never oversell or record one order twice. A store whose writes are not
+/// self-checking should accept an equal token only from the owner that first presented
+/// it (the README's fencing example).
 pub const COMMIT: &str = r#"
 local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
 if tonumber(ARGV[1]) < fence then return {'-1'} end
