@@ -35,9 +35,11 @@ const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
 ///
 /// **What holds**: while a majority of nodes is up and their clocks run at about the same
 /// rate, at most one holder at a time, even with a minority down, frozen or restarted. A
-/// node restarted *empty* during a hold lowers the holder's majority by one; with N = 3,
-/// one such restart plus another node failing can let a second holder in. Run nodes with
-/// persistence, or keep them down for a ttl after a crash.
+/// node restarted *empty* during a hold lowers the holder's majority by one: when the
+/// holder had a bare majority (2 of 3, say, with the third node busy or slow at the time),
+/// one such restart is enough to let a second holder in (`tests/redlock_model.rs` finds
+/// that sequence). Run nodes with persistence, or keep a crashed node down for a ttl
+/// before it rejoins.
 ///
 /// A node that did not answer an acquisition in time, and whose release then did not get
 /// through either, may still run the acquisition later and hold the key for the failed
