@@ -91,9 +91,17 @@ impl SharedConnection {
 
     /// The shared connection, taken from the pool when there is none yet.
     pub(super) async fn get(&self) -> Result<Conn, BackendError> {
-        if let Some(conn) = self.current().as_ref() {
-            return Ok(conn.clone());
+        let current = self.current().clone();
+        match current {
+            Some(conn) => Ok(conn),
+            // Boxed: connecting is rare, and its future is large; inline, every
+            // operation's future would carry (and move) its size.
+            None => Box::pin(self.connect()).await,
         }
+    }
+
+    /// Takes a connection from the pool and shares it.
+    async fn connect(&self) -> Result<Conn, BackendError> {
         let unavailable = |err: deadpool_redis::PoolError| BackendError::Unavailable(err.into());
         let fresh = match &self.pools {
             Pools::Single(pool) => {

@@ -240,21 +240,19 @@ impl RedisBackend {
     ) -> Result<T, BackendError> {
         self.guarded(async {
             let mut conn = self.connection.get().await?;
-            match cmd.query_async(&mut conn).await {
-                Err(err)
-                    if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
-                        && script.is_some() =>
+            match (cmd.query_async(&mut conn).await, script) {
+                (Err(err), Some(script))
+                    if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
                 {
-                    if let Some(script) = script {
-                        script
-                            .prepare_invoke()
-                            .load_async(&mut conn)
-                            .await
-                            .map_err(classify)?;
-                    }
-                    cmd.query_async(&mut conn).await.map_err(classify)
+                    // Boxed, as rare: the common path's future stays small.
+                    Box::pin(async move {
+                        let loading = script.prepare_invoke();
+                        loading.load_async(&mut conn).await.map_err(classify)?;
+                        cmd.query_async(&mut conn).await.map_err(classify)
+                    })
+                    .await
                 }
-                reply => reply.map_err(classify),
+                (reply, _) => reply.map_err(classify),
             }
         })
         .await

@@ -176,7 +176,9 @@ async fn from_backend<B: LockBackend>(
             in_doubt = false;
         }
         let (backend, key) = (guard.backend(), guard.key());
-        backend::wait_for_release(backend, key, epoch, pause).await;
+        // Boxed: the wait (which may subscribe, and connect) is large and only for the
+        // contended path; inline, every acquisition's future would carry its size.
+        Box::pin(backend::wait_for_release(backend, key, epoch, pause)).await;
         attempt = attempt.saturating_add(1);
     }
 }
