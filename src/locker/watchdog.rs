@@ -69,6 +69,11 @@ impl<B: LockBackend> Watchdog<B> {
         }
     }
 
+    /// When the first renewal is due (or the far future, without renewals).
+    pub(crate) fn first_renewal(&self) -> Instant {
+        self.next_renewal
+    }
+
     /// Whether nothing is due: no renewal in flight or due, the lease not past its
     /// deadline, no timer armed yet. [`poll_lost`](Self::poll_lost) would then only arm
     /// its timer, so a caller may first see whether the holder is done already.
