@@ -29,7 +29,9 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 ///
 /// The lock for key `k` is the Redis string `<prefix>{k}` whose value is the owner's
 /// token; the braces make `k` the Cluster hash tag, so every key of one lock shares a
-/// slot. Acquire, release and extend are each one Lua script and one round trip.
+/// slot. An uncontended acquire is one plain `SET NX PX`; a refused one runs the
+/// acquire script next (and the same token's later attempts start with it), as every
+/// acquire with fencing does. Release and extend are one Lua script each.
 ///
 /// The backend takes one connection out of the pool and shares it among all its
 /// operations (connections are multiplexed); after a connection error or timeout the next
@@ -100,9 +102,10 @@ impl RedisBackend {
     /// Wakes waiters on release notifications (DESIGN §5), received over one pub/sub
     /// connection that `client` opens for this backend and its clones.
     ///
-    /// Every release publishes on the lock's channel `<prefix>{<key>}:released`, whether
-    /// or not this is on; with it on, a waiter subscribes to the channel and retries the
-    /// moment a message arrives, rather than at the end of its backoff. Messages can be
+    /// A release publishes on the lock's channel `<prefix>{<key>}:released` when a waiter
+    /// was refused the lock since it was taken (whether or not this is on here); with it
+    /// on, a waiter subscribes to the channel and retries the moment a message arrives,
+    /// rather than at the end of its backoff. Messages can be
     /// lost (pub/sub is at-most-once), so the backoff stays as the safety net, and a lost
     /// subscriber connection is made again by the next wait.
     pub fn notify_with(mut self, client: Client) -> Self {
@@ -216,9 +219,11 @@ impl RedisBackend {
     /// `:waiters` for the mark a refused waiter leaves (its token, with a short expiry),
     /// `:released` for the release channel.
     fn evalsha(&self, script: &Script, key: &LockKey, suffixes: &[&'static str]) -> Cmd {
+        // Room for the name, the hash, the keys and a token and two short arguments:
+        // the command never grows its buffers.
         let mut cmd = Cmd::with_capacity(
-            3 + (1 + suffixes.len()) * 2 + 2,
-            64 + (1 + suffixes.len()) * (self.config.prefix.len() + key.len() + 12),
+            3 + (1 + suffixes.len()) + 3,
+            128 + (1 + suffixes.len()) * (self.config.prefix.len() + key.len() + 12),
         );
         cmd.arg("EVALSHA")
             .arg(script.get_hash())
@@ -272,7 +277,7 @@ impl RedisBackend {
         let token = &*token.hyphenated().encode_lower(&mut buffer);
         let lease = lease_millis(ttl);
         if !self.config.fencing && !again {
-            let mut cmd = Cmd::with_capacity(6, 64 + self.config.prefix.len() + key.len());
+            let mut cmd = Cmd::with_capacity(6, 80 + self.config.prefix.len() + key.len());
             cmd.arg("SET")
                 .arg(self.key_arg(key, ""))
                 .arg(token)
