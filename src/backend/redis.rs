@@ -6,14 +6,14 @@ use deadpool_redis::{
     Pool, Runtime,
     redis::{
         Client, Cmd, ErrorKind, FromRedisValue, RedisError, RedisWrite, Script, ScriptInvocation,
-        ServerErrorKind, ToRedisArgs, Value,
+        ServerErrorKind, ToRedisArgs, Value, aio::ConnectionLike,
     },
 };
 use uuid::Uuid;
 
 use super::{
     Acquire, BackendError, ConfigError, LockBackend, Released,
-    connection::{Pools, SharedConnection},
+    connection::{Conn, Pools, SharedConnection},
     notify::Notifier,
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
@@ -238,27 +238,39 @@ impl RedisBackend {
     /// Runs `cmd` on the shared connection within the command timeout; when it is an
     /// `EVALSHA` of `script` that the server does not know (`NOSCRIPT`: restarted or
     /// flushed), loads the script and sends `cmd` again.
+    ///
+    /// On an established single-server connection the bound is the connection's own
+    /// response timeout, set to the command timeout on our handle of it (the client
+    /// library times every request anyway): no second timer per command. Connecting, and
+    /// Cluster connections, are bounded by a timer of ours.
     async fn query<T: FromRedisValue>(
         &self,
         cmd: &Cmd,
         script: Option<&'static Script>,
     ) -> Result<T, BackendError> {
+        if let Some(Conn::Single(mut conn)) = self.connection.current() {
+            let timeout = self.config.command_timeout;
+            conn.set_response_timeout(timeout);
+            let result = send(&mut conn, cmd, script).await.map_err(|err| {
+                if err.is_timeout() {
+                    BackendError::Timeout(timeout)
+                } else {
+                    classify(err)
+                }
+            });
+            if matches!(
+                result,
+                Err(BackendError::Unavailable(_)
+                    | BackendError::Timeout(_)
+                    | BackendError::Stale(_))
+            ) {
+                self.connection.reset();
+            }
+            return result;
+        }
         self.guarded(async {
             let mut conn = self.connection.get().await?;
-            match (cmd.query_async(&mut conn).await, script) {
-                (Err(err), Some(script))
-                    if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
-                {
-                    // Boxed, as rare: the common path's future stays small.
-                    Box::pin(async move {
-                        let loading = script.prepare_invoke();
-                        loading.load_async(&mut conn).await.map_err(classify)?;
-                        cmd.query_async(&mut conn).await.map_err(classify)
-                    })
-                    .await
-                }
-                (reply, _) => reply.map_err(classify),
-            }
+            send(&mut conn, cmd, script).await.map_err(classify)
         })
         .await
     }
@@ -424,6 +436,26 @@ impl RedisBackend {
             self.connection.reset();
         }
         result
+    }
+}
+
+/// Sends `cmd`; when it is an `EVALSHA` of `script` that the server does not know
+/// (`NOSCRIPT`: restarted or flushed), loads the script and sends `cmd` again.
+async fn send<T: FromRedisValue>(
+    conn: &mut impl ConnectionLike,
+    cmd: &Cmd,
+    script: Option<&'static Script>,
+) -> Result<T, RedisError> {
+    match (cmd.query_async(conn).await, script) {
+        (Err(err), Some(script)) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            // Boxed, as rare: the common path's future stays small.
+            Box::pin(async move {
+                script.prepare_invoke().load_async(conn).await?;
+                cmd.query_async(conn).await
+            })
+            .await
+        }
+        (reply, _) => reply,
     }
 }
 
