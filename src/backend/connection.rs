@@ -84,16 +84,28 @@ impl SharedConnection {
         }
     }
 
-    fn current(&self) -> MutexGuard<'_, Option<Conn>> {
+    fn slot(&self) -> MutexGuard<'_, Option<Conn>> {
         // The slot holds a plain value that no panic can leave half-written.
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The shared connection, if there is one now.
+    pub(super) fn current(&self) -> Option<Conn> {
+        self.slot().clone()
+    }
+
     /// The shared connection, taken from the pool when there is none yet.
     pub(super) async fn get(&self) -> Result<Conn, BackendError> {
-        if let Some(conn) = self.current().as_ref() {
-            return Ok(conn.clone());
+        match self.current() {
+            Some(conn) => Ok(conn),
+            // Boxed: connecting is rare, and its future is large; inline, every
+            // operation's future would carry (and move) its size.
+            None => Box::pin(self.connect()).await,
         }
+    }
+
+    /// Takes a connection from the pool and shares it.
+    async fn connect(&self) -> Result<Conn, BackendError> {
         let unavailable = |err: deadpool_redis::PoolError| BackendError::Unavailable(err.into());
         let fresh = match &self.pools {
             Pools::Single(pool) => {
@@ -127,12 +139,12 @@ impl SharedConnection {
             });
         }
         // If a concurrent call got there first, keep its connection and drop ours.
-        Ok(self.current().get_or_insert(fresh).clone())
+        Ok(self.slot().get_or_insert(fresh).clone())
     }
 
     /// Forgets the shared connection: the next call takes a fresh one.
     pub(super) fn reset(&self) {
-        *self.current() = None;
+        *self.slot() = None;
     }
 
     /// The pool's state, for `Debug`.

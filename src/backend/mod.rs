@@ -25,7 +25,7 @@ mod scripts;
 mod wake;
 
 pub use self::memory::InMemoryBackend;
-pub(crate) use self::wake::{release_epoch, wait_for_release};
+pub(crate) use self::wake::{attempt, release_epoch, wait_for_release};
 #[cfg(feature = "redis")]
 pub use self::{redis::RedisBackend, redlock::RedlockBackend};
 

@@ -163,6 +163,17 @@ impl Notifier {
         self.state().channels.get(channel).map_or(0, |c| c.epoch)
     }
 
+    /// [`epoch`](Self::epoch) of the channel `channel` names, which is only built when
+    /// some channel is known at all: with none (nobody of this process waits, the common
+    /// case), every epoch is 0.
+    pub(crate) fn epoch_of(&self, channel: impl FnOnce() -> String) -> u64 {
+        let state = self.state();
+        if state.channels.is_empty() {
+            return 0;
+        }
+        state.channels.get(&channel()).map_or(0, |c| c.epoch)
+    }
+
     /// Waits until a release is published on `channel`, or `timeout` passes. Returns at
     /// once if a release was heard since `epoch`, and right after a new subscription (a
     /// release may have slipped by before it).

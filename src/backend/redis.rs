@@ -5,14 +5,15 @@ use std::{fmt, future::Future, sync::Arc, time::Duration};
 use deadpool_redis::{
     Pool, Runtime,
     redis::{
-        Client, ErrorKind, FromRedisValue, RedisError, Script, ScriptInvocation, ServerErrorKind,
+        Client, Cmd, ErrorKind, FromRedisValue, RedisError, RedisWrite, Script, ScriptInvocation,
+        ServerErrorKind, ToRedisArgs, Value, aio::ConnectionLike,
     },
 };
 use uuid::Uuid;
 
 use super::{
     Acquire, BackendError, ConfigError, LockBackend, Released,
-    connection::{Pools, SharedConnection},
+    connection::{Conn, Pools, SharedConnection},
     notify::Notifier,
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
@@ -28,7 +29,9 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 ///
 /// The lock for key `k` is the Redis string `<prefix>{k}` whose value is the owner's
 /// token; the braces make `k` the Cluster hash tag, so every key of one lock shares a
-/// slot. Acquire, release and extend are each one Lua script and one round trip.
+/// slot. An uncontended acquire is one plain `SET NX PX`; a refused one runs the
+/// acquire script next (and the same token's later attempts start with it), as every
+/// acquire with fencing does. Release and extend are one Lua script each.
 ///
 /// The backend takes one connection out of the pool and shares it among all its
 /// operations (connections are multiplexed); after a connection error or timeout the next
@@ -99,9 +102,10 @@ impl RedisBackend {
     /// Wakes waiters on release notifications (DESIGN §5), received over one pub/sub
     /// connection that `client` opens for this backend and its clones.
     ///
-    /// Every release publishes on the lock's channel `<prefix>{<key>}:released`, whether
-    /// or not this is on; with it on, a waiter subscribes to the channel and retries the
-    /// moment a message arrives, rather than at the end of its backoff. Messages can be
+    /// A release publishes on the lock's channel `<prefix>{<key>}:released` when a waiter
+    /// was refused the lock since it was taken (whether or not this is on here); with it
+    /// on, a waiter subscribes to the channel and retries the moment a message arrives,
+    /// rather than at the end of its backoff. Messages can be
     /// lost (pub/sub is at-most-once), so the backoff stays as the safety net, and a lost
     /// subscriber connection is made again by the next wait.
     pub fn notify_with(mut self, client: Client) -> Self {
@@ -188,18 +192,6 @@ impl RedisBackend {
         self.key_with_suffix(key, ":released")
     }
 
-    /// The Redis key of the lock's fencing counter: `<prefix>{<key>}:fence`. It has no
-    /// expiry (a counter that restarted would hand out tokens a resource already saw).
-    pub(crate) fn fence_key(&self, key: &LockKey) -> String {
-        self.key_with_suffix(key, ":fence")
-    }
-
-    /// The mark a refused waiter leaves, `<prefix>{<key>}:waiters` (its token, with a
-    /// short expiry): a release publishes only when it finds one.
-    fn waiters_key(&self, key: &LockKey) -> String {
-        self.key_with_suffix(key, ":waiters")
-    }
-
     fn key_with_suffix(&self, key: &LockKey, suffix: &str) -> String {
         let prefix = &self.config.prefix;
         let mut redis_key = String::with_capacity(prefix.len() + key.len() + 2 + suffix.len());
@@ -211,6 +203,167 @@ impl RedisBackend {
         redis_key
     }
 
+    /// The Redis key `<prefix>{<key>}<suffix>` as a command argument, written straight
+    /// into the command (no `String` of its own).
+    fn key_arg<'a>(&'a self, key: &'a LockKey, suffix: &'static str) -> KeyArg<'a> {
+        KeyArg {
+            prefix: &self.config.prefix,
+            key,
+            suffix,
+        }
+    }
+
+    /// `EVALSHA <script> <keys>` with room for the rest; the keys are the lock's key and
+    /// the given suffixes of it, in that order: `:fence` for the fencing counter (no
+    /// expiry: a counter that restarted would hand out tokens a resource already saw),
+    /// `:waiters` for the mark a refused waiter leaves (its token, with a short expiry),
+    /// `:released` for the release channel.
+    fn evalsha(&self, script: &Script, key: &LockKey, suffixes: &[&'static str]) -> Cmd {
+        // Room for the name, the hash, the keys and a token and two short arguments:
+        // the command never grows its buffers.
+        let mut cmd = Cmd::with_capacity(
+            3 + (1 + suffixes.len()) + 3,
+            128 + (1 + suffixes.len()) * (self.config.prefix.len() + key.len() + 12),
+        );
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(1 + suffixes.len())
+            .arg(self.key_arg(key, ""));
+        for suffix in suffixes {
+            cmd.arg(self.key_arg(key, suffix));
+        }
+        cmd
+    }
+
+    /// Runs `cmd` on the shared connection within the command timeout; when it is an
+    /// `EVALSHA` of `script` that the server does not know (`NOSCRIPT`: restarted or
+    /// flushed), loads the script and sends `cmd` again.
+    ///
+    /// On an established single-server connection the bound is the connection's own
+    /// response timeout, set to the command timeout on our handle of it (the client
+    /// library times every request anyway): no second timer per command. Connecting, and
+    /// Cluster connections, are bounded by a timer of ours.
+    async fn query<T: FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+        script: Option<&'static Script>,
+    ) -> Result<T, BackendError> {
+        if let Some(Conn::Single(mut conn)) = self.connection.current() {
+            let timeout = self.config.command_timeout;
+            conn.set_response_timeout(timeout);
+            let result = send(&mut conn, cmd, script).await.map_err(|err| {
+                if err.is_timeout() {
+                    BackendError::Timeout(timeout)
+                } else {
+                    classify(err)
+                }
+            });
+            if matches!(
+                result,
+                Err(BackendError::Unavailable(_)
+                    | BackendError::Timeout(_)
+                    | BackendError::Stale(_))
+            ) {
+                self.connection.reset();
+            }
+            return result;
+        }
+        self.guarded(async {
+            let mut conn = self.connection.get().await?;
+            send(&mut conn, cmd, script).await.map_err(classify)
+        })
+        .await
+    }
+
+    /// One acquisition attempt. Without fencing, the first attempt of a token is a plain
+    /// `SET NX PX`, and the script runs only when that is refused; a token refused before
+    /// (`again`), and every attempt with fencing, goes to the script at once.
+    pub(crate) async fn attempt(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+        again: bool,
+    ) -> Result<Acquire, BackendError> {
+        let mut buffer = Uuid::encode_buffer();
+        let token = &*token.hyphenated().encode_lower(&mut buffer);
+        let lease = lease_millis(ttl);
+        if !self.config.fencing && !again {
+            let mut cmd = Cmd::with_capacity(6, 80 + self.config.prefix.len() + key.len());
+            cmd.arg("SET")
+                .arg(self.key_arg(key, ""))
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(lease);
+            match self.query::<Value>(&cmd, None).await? {
+                Value::Okay => {
+                    return Ok(Acquire::Acquired {
+                        fencing_token: None,
+                    });
+                }
+                // Held: the script tells by whom (our own token after a lost reply?) and
+                // for how long, and leaves the mark.
+                Value::Nil => {}
+                other => {
+                    return Err(BackendError::Command(
+                        format!("unexpected SET reply {other:?}").into(),
+                    ));
+                }
+            }
+        }
+        self.acquire_script(key, token, lease, again || !self.config.fencing)
+            .await
+    }
+
+    /// The acquire script (see `scripts::ACQUIRE`); `own_mark`: this token may have left a
+    /// mark, to be cleared if it takes the lock.
+    async fn acquire_script(
+        &self,
+        key: &LockKey,
+        token: &str,
+        lease: u64,
+        own_mark: bool,
+    ) -> Result<Acquire, BackendError> {
+        let mut cmd = self.evalsha(&ACQUIRE, key, &[":fence", ":waiters"]);
+        cmd.arg(token)
+            .arg(lease)
+            .arg(if self.config.fencing { "1" } else { "0" })
+            .arg(if own_mark { "1" } else { "0" });
+        let reply: Vec<i64> = self.query(&cmd, Some(&ACQUIRE)).await?;
+        match reply.as_slice() {
+            [1] if !self.config.fencing => Ok(Acquire::Acquired {
+                fencing_token: None,
+            }),
+            [1, fence] if self.config.fencing && *fence > 0 => Ok(Acquire::Acquired {
+                fencing_token: Some(fence.unsigned_abs()),
+            }),
+            // PTTL is -1 for a key without expiry (not one of ours) and -2 if it vanished
+            // between the calls; neither says when the lock frees up.
+            [0, pttl] => Ok(Acquire::Held {
+                remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            }),
+            other => Err(BackendError::Command(
+                format!("unexpected acquire reply {other:?}").into(),
+            )),
+        }
+    }
+
+    /// An attempt in one script, as Redlock makes on each node: its fault tests (and
+    /// their proxies) know the acquire by the fence key it names. Redlock gives every
+    /// attempt a fresh token, so no mark of it can be there yet.
+    pub(crate) async fn attempt_in_script(
+        &self,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        let mut buffer = Uuid::encode_buffer();
+        let token = &*token.hyphenated().encode_lower(&mut buffer);
+        self.acquire_script(key, token, lease_millis(ttl), false)
+            .await
+    }
+
     /// Runs the release script; `publish` tells waiters elsewhere.
     async fn release_script(
         &self,
@@ -218,25 +371,25 @@ impl RedisBackend {
         token: Uuid,
         publish: bool,
     ) -> Result<Released, BackendError> {
-        let channel = self.release_channel(key);
-        let mut invocation = self.invocation(&RELEASE, key, token);
-        invocation
-            .key(&channel)
-            .key(self.waiters_key(key))
+        let mut buffer = Uuid::encode_buffer();
+        let mut cmd = self.evalsha(&RELEASE, key, &[":released", ":waiters"]);
+        cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
             .arg(if publish { "1" } else { "0" });
-        let reply: (i64, u64, i64) = self.run(invocation).await?;
+        let reply: (i64, u64, i64) = self.query(&cmd, Some(&RELEASE)).await?;
+        let marked = reply.2 == 1;
         // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
-        let ours = self
-            .notifier
-            .as_ref()
-            .is_some_and(|n| n.listens_on(&channel));
+        let ours = marked
+            && self
+                .notifier
+                .as_ref()
+                .is_some_and(|n| n.listens_on(&self.release_channel(key)));
         Ok(Released {
             was_held: reply.0 == 1,
             notified: reply.1.saturating_sub(u64::from(ours)),
             // A marked waiter that was not told either polls (notifications off or
             // failing), or is between its refusal and its subscription, after which it
             // retries at once.
-            unnotified_waiters: reply.2 == 1
+            unnotified_waiters: marked
                 && reply.1 == 0
                 && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
         })
@@ -251,20 +404,6 @@ impl RedisBackend {
     /// Drops the shared connection: the next operation takes a fresh one.
     pub(crate) fn reset_connection(&self) {
         self.connection.reset();
-    }
-
-    /// `script` with the lock key as `KEYS[1]` and the token as `ARGV[1]`.
-    fn invocation(
-        &self,
-        script: &'static Script,
-        key: &LockKey,
-        token: Uuid,
-    ) -> ScriptInvocation<'static> {
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(self.redis_key(key))
-            .arg(token.hyphenated().encode_lower(&mut Uuid::encode_buffer()) as &str);
-        invocation
     }
 
     /// Runs a script on the shared connection within the command timeout.
@@ -300,6 +439,26 @@ impl RedisBackend {
     }
 }
 
+/// Sends `cmd`; when it is an `EVALSHA` of `script` that the server does not know
+/// (`NOSCRIPT`: restarted or flushed), loads the script and sends `cmd` again.
+async fn send<T: FromRedisValue>(
+    conn: &mut impl ConnectionLike,
+    cmd: &Cmd,
+    script: Option<&'static Script>,
+) -> Result<T, RedisError> {
+    match (cmd.query_async(conn).await, script) {
+        (Err(err), Some(script)) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            // Boxed, as rare: the common path's future stays small.
+            Box::pin(async move {
+                script.prepare_invoke().load_async(conn).await?;
+                cmd.query_async(conn).await
+            })
+            .await
+        }
+        (reply, _) => reply,
+    }
+}
+
 /// Appends `key` as the content of a hash tag that nothing can end early or leave empty.
 ///
 /// Redis hashes the text between the first `{` and the first `}` after it, unless that is
@@ -309,20 +468,52 @@ impl RedisBackend {
 /// they are. The empty key, which the layer never sends, becomes a lone `%`, which no
 /// other key can produce. Distinct keys give distinct tags.
 fn push_hash_tag(out: &mut String, key: &str) {
+    hash_tag_parts(key, |part| out.push_str(part));
+}
+
+/// [`push_hash_tag`]'s text, in pieces.
+fn hash_tag_parts(key: &str, mut push: impl FnMut(&str)) {
     if key.is_empty() {
-        out.push('%');
+        push("%");
         return;
     }
     if !key.contains(['}', '%']) {
-        out.push_str(key);
+        push(key);
         return;
     }
-    for c in key.chars() {
-        match c {
-            '}' => out.push_str("%7D"),
-            '%' => out.push_str("%25"),
-            c => out.push(c),
-        }
+    let mut rest = key;
+    while let Some(at) = rest.find(['}', '%']) {
+        push(&rest[..at]);
+        push(if rest.as_bytes()[at] == b'}' {
+            "%7D"
+        } else {
+            "%25"
+        });
+        rest = &rest[at + 1..];
+    }
+    push(rest);
+}
+
+/// A lock's Redis key (`<prefix>{<key>}<suffix>`, see [`RedisBackend::redis_key`]) as
+/// one command argument.
+struct KeyArg<'a> {
+    prefix: &'a str,
+    key: &'a LockKey,
+    suffix: &'static str,
+}
+
+impl ToRedisArgs for KeyArg<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writes into the command's buffer cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(b"{");
+        hash_tag_parts(self.key.as_str(), |part| {
+            let _ = arg.write_all(part.as_bytes());
+        });
+        let _ = arg.write_all(b"}");
+        let _ = arg.write_all(self.suffix.as_bytes());
     }
 }
 
@@ -369,29 +560,7 @@ impl LockBackend for RedisBackend {
         token: Uuid,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
-        let mut invocation = self.invocation(&ACQUIRE, key, token);
-        invocation
-            .key(self.fence_key(key))
-            .key(self.waiters_key(key))
-            .arg(lease_millis(ttl))
-            .arg(if self.config.fencing { "1" } else { "0" });
-        let reply: Vec<i64> = self.run(invocation).await?;
-        match reply.as_slice() {
-            [1] if !self.config.fencing => Ok(Acquire::Acquired {
-                fencing_token: None,
-            }),
-            [1, fence] if self.config.fencing && *fence > 0 => Ok(Acquire::Acquired {
-                fencing_token: Some(fence.unsigned_abs()),
-            }),
-            // PTTL is -1 for a key without expiry (not one of ours) and -2 if it vanished
-            // between the calls; neither says when the lock frees up.
-            [0, pttl] => Ok(Acquire::Held {
-                remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
-            }),
-            other => Err(BackendError::Command(
-                format!("unexpected acquire reply {other:?}").into(),
-            )),
-        }
+        self.attempt(key, token, ttl, false).await
     }
 
     async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
@@ -404,9 +573,11 @@ impl LockBackend for RedisBackend {
         token: Uuid,
         ttl: Duration,
     ) -> Result<bool, BackendError> {
-        let mut invocation = self.invocation(&EXTEND, key, token);
-        invocation.arg(lease_millis(ttl));
-        let extended: i64 = self.run(invocation).await?;
+        let mut buffer = Uuid::encode_buffer();
+        let mut cmd = self.evalsha(&EXTEND, key, &[]);
+        cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
+            .arg(lease_millis(ttl));
+        let extended: i64 = self.query(&cmd, Some(&EXTEND)).await?;
         Ok(extended == 1)
     }
 }
@@ -414,9 +585,9 @@ impl LockBackend for RedisBackend {
 /// Release notifications (see `backend::wake`).
 impl RedisBackend {
     pub(crate) fn release_epoch(&self, key: &LockKey) -> u64 {
-        self.notifier
-            .as_ref()
-            .map_or(0, |notifier| notifier.epoch(&self.release_channel(key)))
+        self.notifier.as_ref().map_or(0, |notifier| {
+            notifier.epoch_of(|| self.release_channel(key))
+        })
     }
 
     pub(crate) async fn wait_for_release(&self, key: &LockKey, epoch: u64, timeout: Duration) {

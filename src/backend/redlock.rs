@@ -128,7 +128,9 @@ impl LockBackend for RedlockBackend {
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
         let started = Instant::now();
-        let answers = self.on_all(|node| node.try_acquire(key, token, ttl)).await;
+        let answers = self
+            .on_all(|node| node.attempt_in_script(key, token, ttl))
+            .await;
         let validity = ttl
             .checked_sub(started.elapsed())
             .and_then(|left| left.checked_sub(drift(ttl)));

@@ -9,21 +9,30 @@ use std::sync::LazyLock;
 use deadpool_redis::redis::Script;
 
 /// `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` waiter mark, `ARGV[1]` token,
-/// `ARGV[2]` lease in ms, `ARGV[3]` `1` to take a fencing token.
+/// `ARGV[2]` lease in ms, `ARGV[3]` `1` to take a fencing token, `ARGV[4]` `1` when this
+/// token may have left a mark before (an earlier attempt of it was refused).
 ///
 /// Returns `{1}` (or `{1, fencing token}`) when the token now holds the lock, `{0, pttl}`
-/// when another token does. A refused attempt leaves a mark (its token) saying someone
-/// waits, so that the release tells waiters only when there are any, and a holder that
-/// hands the lock down its local line knows when to let others in. The mark outlives the
-/// waiter's next attempt, which comes by the end of the holder's lease at the latest. The common case is the single `SET NX` (and `INCR`). When it
-/// fails, a value equal to our own token means we hold the lock already (an earlier
-/// attempt landed but its reply was lost, or the lock was handed to a new holder in our
-/// process): the lease is reset and the attempt succeeds, with a fresh fencing token so
-/// that each holder's is larger than its predecessor's.
+/// when another token does. Without fencing, the first attempt is a plain `SET NX PX`
+/// sent by the client (no script at all when it succeeds); this script runs when that was
+/// refused, for every later attempt of the same token, and for every attempt with fencing.
+///
+/// A refused attempt leaves a mark (its token) saying someone waits, so that the release
+/// tells waiters only when there are any, and a holder that hands the lock down its local
+/// line knows when to let others in. The mark outlives the waiter's next attempt, which
+/// comes by the end of the holder's lease at the latest. A token that takes the lock
+/// clears its own mark (`ARGV[4]`), so a mark found by a release is always another
+/// token's. When `SET NX` fails, a value equal to our own token means we hold the lock
+/// already (an earlier attempt landed but its reply was lost, or the lock was handed to a
+/// new holder in our process): the lease is reset and the attempt succeeds, with a fresh
+/// fencing token so that each holder's is larger than its predecessor's.
 pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[4] == '1' and redis.call('GET', KEYS[3]) == ARGV[1] then
+    redis.call('DEL', KEYS[3])
+  end
   if ARGV[3] == '1' then
     return {1, redis.call('INCR', KEYS[2])}
   end
@@ -48,11 +57,13 @@ return {0, pttl}
 });
 
 /// `KEYS[1]` lock key, `KEYS[2]` release channel, `KEYS[3]` waiter mark, `ARGV[1]` token,
-/// `ARGV[2]` `1` to tell waiters. Deletes the lock only if the token holds it; then, if a
-/// waiter other than this token left a mark, clears it and publishes on the channel so
-/// that waiters wake at once. Returns `{1, receivers, marked}` when it deleted, `{0, 0, 0}`
-/// otherwise. Undoing a failed Redlock attempt tells nobody: nobody waited for that grant,
-/// and the waiter undoing it would wake itself.
+/// `ARGV[2]` `1` to tell waiters. Deletes the lock only if the token holds it, and the
+/// mark with it (one `DEL`); if there was a mark (another token's: a holder clears its
+/// own when it acquires), publishes on the channel so that waiters wake at once. Returns
+/// `{1, receivers, marked}` when it deleted, `{0, 0, 0}` otherwise: three calls when
+/// nobody waits (`EVALSHA`, `GET`, `DEL`). Undoing a failed Redlock attempt tells nobody
+/// and leaves the mark: nobody waited for that grant, and the waiter undoing it would wake
+/// itself.
 ///
 /// The publish is best effort (`pcall`): a user without permission on the channel (a
 /// Redis 7 ACL user with `resetchannels`, the default) gets NOPERM from it after the
@@ -63,16 +74,11 @@ pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {0, 0, 0}
 end
-redis.call('DEL', KEYS[1])
 if ARGV[2] ~= '1' then
+  redis.call('DEL', KEYS[1])
   return {1, 0, 0}
 end
-local mark = redis.call('GET', KEYS[3])
-if not mark then
-  return {1, 0, 0}
-end
-redis.call('DEL', KEYS[3])
-if mark == ARGV[1] then
+if redis.call('DEL', KEYS[1], KEYS[3]) == 1 then
   return {1, 0, 0}
 end
 local receivers = redis.pcall('PUBLISH', KEYS[2], '')

@@ -8,8 +8,33 @@
 
 use std::time::Duration;
 
-use super::LockBackend;
+use uuid::Uuid;
+
+use super::{Acquire, BackendError, LockBackend};
 use crate::key::LockKey;
+
+/// One acquisition attempt, for the wait in [`acquire`](crate::Locker::lock): `again`
+/// says that an earlier attempt with this token was refused or went unanswered (or that
+/// the token holds the lock already), which [`RedisBackend`](super::RedisBackend) uses to
+/// go straight to its script rather than try a plain `SET NX` first. Any other backend
+/// gets [`LockBackend::try_acquire`].
+pub(crate) async fn attempt<B: LockBackend>(
+    backend: &B,
+    key: &LockKey,
+    token: Uuid,
+    ttl: Duration,
+    again: bool,
+) -> Result<Acquire, BackendError> {
+    #[cfg(feature = "redis")]
+    {
+        let any: &dyn std::any::Any = backend;
+        if let Some(redis) = any.downcast_ref::<super::RedisBackend>() {
+            return redis.attempt(key, token, ttl, again).await;
+        }
+    }
+    let _ = again;
+    backend.try_acquire(key, token, ttl).await
+}
 
 /// A count of the releases of `key` the backend has heard of, read before each attempt
 /// and handed to [`wait_for_release`], so that a release heard between a failed attempt

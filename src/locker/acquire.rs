@@ -128,11 +128,16 @@ async fn from_backend<B: LockBackend>(
     loop {
         let lease_start = Instant::now();
         let epoch = backend::release_epoch(guard.backend(), guard.key());
+        let again = attempt > 0 || in_doubt;
         guard.arm();
-        let outcome = guard
-            .backend()
-            .try_acquire(guard.key(), guard.token(), policy.ttl)
-            .await;
+        let outcome = backend::attempt(
+            guard.backend(),
+            guard.key(),
+            guard.token(),
+            policy.ttl,
+            again,
+        )
+        .await;
         let remaining = match outcome {
             Ok(Acquire::Acquired { fencing_token }) => {
                 let (key, token) = (guard.key().clone(), guard.token());
@@ -171,7 +176,9 @@ async fn from_backend<B: LockBackend>(
             in_doubt = false;
         }
         let (backend, key) = (guard.backend(), guard.key());
-        backend::wait_for_release(backend, key, epoch, pause).await;
+        // Boxed: the wait (which may subscribe, and connect) is large and only for the
+        // contended path; inline, every acquisition's future would carry its size.
+        Box::pin(backend::wait_for_release(backend, key, epoch, pause)).await;
         attempt = attempt.saturating_add(1);
     }
 }
@@ -197,7 +204,8 @@ async fn take_over<B: LockBackend>(
         guard.acquired(&held, None);
         return Ok(Acquired { guard, held });
     }
-    match guard.backend().try_acquire(&key, token, policy.ttl).await {
+    // The token holds the lock (or did): straight to the backend's full attempt.
+    match backend::attempt(guard.backend(), &key, token, policy.ttl, true).await {
         Ok(Acquire::Acquired { fencing_token }) => {
             let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
             guard.acquired(&held, None);

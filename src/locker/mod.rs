@@ -5,15 +5,17 @@
 //! - `acquire`: the bounded wait (attempt, back off or wait in line, attempt again).
 //! - `guard`: the owner of a lock, which releases it (or hands it down the line).
 //! - `watchdog`: lease renewal and loss detection.
+//! - `renewals`: the watchdogs of in-handler locks, started when their first renewal is due.
 //! - `owned`: [`OwnedLock`], the lock a handler takes itself.
 
 mod acquire;
 mod guard;
 mod owned;
+mod renewals;
 mod settings;
 mod watchdog;
 
-use std::{fmt, future::poll_fn, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use http::StatusCode;
 
@@ -28,6 +30,7 @@ pub(crate) use self::{
 use self::{
     acquire::{Backoff, acquire},
     guard::LockLine,
+    renewals::Renewals,
     settings::{DEFAULT_MAX_HAND_OFFS, MIN_TTL, MetricsClass, Renewal},
 };
 use crate::{
@@ -89,6 +92,8 @@ pub struct Locker<Backend: LockBackend> {
     backend: Backend,
     line: Option<Arc<LockLine<Backend>>>,
     settings: Arc<LockSettings>,
+    /// The watchdogs of its in-handler locks, until they start.
+    renewals: Arc<Renewals<Backend>>,
     /// The keys the request this locker was extracted for holds.
     #[cfg(feature = "axum")]
     request: Option<Arc<RequestLocks>>,
@@ -104,6 +109,7 @@ impl<Backend: LockBackend> Locker<Backend> {
             backend,
             line: Some(Line::new(DEFAULT_MAX_HAND_OFFS)),
             settings: Arc::default(),
+            renewals: Arc::default(),
             #[cfg(feature = "axum")]
             request: None,
         }
@@ -146,15 +152,13 @@ impl<Backend: LockBackend> Locker<Backend> {
         }
         let Acquired { guard, held } = self.acquire(key).await?;
         let renews = self.settings.renew_every().is_some();
+        // No future of ours wraps the caller's work, so the watchdog gets a task of its
+        // own, started when the first renewal is due: most locks are released before.
         let watchdog = renews.then(|| {
-            // No future of ours wraps the caller's work, so the watchdog gets a task.
-            let mut watchdog = self.watchdog(&held);
-            let class = self.class().clone();
-            tokio::spawn(async move {
-                poll_fn(|cx| watchdog.poll_lost(cx)).await;
-                observe::lost(&class);
-            })
-            .abort_handle()
+            let pending = self
+                .renewals
+                .register(self.watchdog(&held), self.class().clone());
+            (self.renewals.clone(), pending)
         });
         #[cfg(feature = "axum")]
         let request = self.request.clone();
@@ -376,6 +380,7 @@ impl<Backend: LockBackend> Clone for Locker<Backend> {
             backend: self.backend.clone(),
             line: self.line.clone(),
             settings: self.settings.clone(),
+            renewals: self.renewals.clone(),
             #[cfg(feature = "axum")]
             request: self.request.clone(),
         }

@@ -6,10 +6,9 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use tokio::task::AbortHandle;
-
 use super::{
     guard::LockGuard,
+    renewals::{Pending, Renewals},
     watchdog::{loss_on_release, note_loss},
 };
 use crate::{backend::LockBackend, held::Held, key::LockKey, observe};
@@ -46,17 +45,20 @@ pub struct OwnedLock<Backend: LockBackend> {
     guard: Option<LockGuard<Backend>>,
     held: Held,
     class: Arc<str>,
-    watchdog: Option<AbortHandle>,
+    watchdog: Option<Watchdog<Backend>>,
     request: Option<Arc<RequestLocks>>,
     release_timeout: std::time::Duration,
 }
+
+/// The lock's watchdog, queued or running, and the queue it belongs to.
+type Watchdog<Backend> = (Arc<Renewals<Backend>>, Arc<Pending<Backend>>);
 
 impl<Backend: LockBackend> OwnedLock<Backend> {
     pub(super) fn new(
         guard: LockGuard<Backend>,
         held: Held,
         class: Arc<str>,
-        watchdog: Option<AbortHandle>,
+        watchdog: Option<Watchdog<Backend>>,
         request: Option<Arc<RequestLocks>>,
         release_timeout: std::time::Duration,
     ) -> Self {
@@ -96,8 +98,8 @@ impl<Backend: LockBackend> OwnedLock<Backend> {
         if self.guard.is_some() {
             observe::held(&self.class, self.held.acquired_at().elapsed());
         }
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.abort();
+        if let Some((renewals, watchdog)) = self.watchdog.take() {
+            watchdog.stop(&renewals);
         }
         if let Some(request) = self.request.take() {
             request.keys().retain(|key| key != self.held.key());

@@ -42,8 +42,9 @@ pub(crate) struct Watchdog<B: LockBackend> {
     ttl: Duration,
     every: Option<Duration>,
     next_renewal: Instant,
-    /// One timer for whichever comes first: the next renewal or the lease deadline.
-    timer: Pin<Box<Sleep>>,
+    /// One timer for whichever comes first: the next renewal or the lease deadline; made
+    /// when first needed, so that a holder done before anything is due costs no timer.
+    timer: Option<Pin<Box<Sleep>>>,
     /// The renewal in flight, with the moment it was sent.
     renewing: Option<(Instant, Renewal)>,
 }
@@ -63,9 +64,25 @@ impl<B: LockBackend> Watchdog<B> {
             ttl,
             every,
             next_renewal,
-            timer: Box::pin(tokio::time::sleep_until(next_renewal)),
+            timer: None,
             renewing: None,
         }
+    }
+
+    /// When the first renewal is due (or the far future, without renewals).
+    pub(crate) fn first_renewal(&self) -> Instant {
+        self.next_renewal
+    }
+
+    /// Whether nothing is due: no renewal in flight or due, the lease not past its
+    /// deadline, no timer armed yet. [`poll_lost`](Self::poll_lost) would then only arm
+    /// its timer, so a caller may first see whether the holder is done already.
+    pub(crate) fn is_quiet(&self) -> bool {
+        if self.renewing.is_some() || self.timer.is_some() {
+            return false;
+        }
+        let now = Instant::now();
+        now < self.next_renewal && now < self.held.lease_deadline()
     }
 
     /// Drives the renewals. `Ready` once the lock is lost (and `Held` told so); the
@@ -118,10 +135,13 @@ impl<B: LockBackend> Watchdog<B> {
                 Some(_) => deadline,
                 None => self.next_renewal.min(deadline),
             };
-            if self.timer.deadline() != wake_at {
-                self.timer.as_mut().reset(wake_at);
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake_at)));
+            if timer.deadline() != wake_at {
+                timer.as_mut().reset(wake_at);
             }
-            if self.timer.as_mut().poll(cx).is_pending() {
+            if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
         }

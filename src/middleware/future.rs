@@ -197,23 +197,33 @@ where
                     watchdog,
                     held,
                 } => {
-                    // The lease first: a handler is not polled on past a lost lock.
-                    if let Some(Poll::Ready(loss)) = watchdog.as_mut().map(|w| w.poll_lost(cx)) {
-                        *watchdog = None;
-                        observe::lost(locker.class());
-                        if this.settings.loss_policy == LossPolicy::Abort {
-                            // Dropping the state drops the handler's future; the guard
-                            // still releases, in case the lease was merely unreachable.
-                            let rejection =
-                                LayerSettings::loss(loss, locker.settings().retry_after_cap);
-                            this.span.record("outcome", Outcome::Lost.as_str());
-                            observe::held(locker.class(), held.acquired_at().elapsed());
-                            this.state.set(State::Rejected { response: None });
-                            return Poll::Ready(Ok(this.settings.respond(&rejection)));
-                        }
-                        // `Signal`: the handler was told through `Held`; it decides.
+                    // The lease first: a handler is not polled on past a lost lock. While
+                    // nothing is due, the watchdog would only arm its timer: then the
+                    // handler goes first, and the timer is armed only if it is pending (a
+                    // quick handler costs no timer).
+                    let quiet = watchdog.as_ref().is_none_or(Watchdog::is_quiet);
+                    if !quiet
+                        && let Some(rejection) =
+                            watch_lease(watchdog, locker, held, this.settings, cx)
+                    {
+                        this.span.record("outcome", Outcome::Lost.as_str());
+                        this.state.set(State::Rejected { response: None });
+                        return Poll::Ready(Ok(this.settings.respond(&rejection)));
                     }
-                    let output = ready!(future.poll(cx));
+                    let output = match future.poll(cx) {
+                        Poll::Ready(output) => output,
+                        Poll::Pending => {
+                            if quiet
+                                && let Some(rejection) =
+                                    watch_lease(watchdog, locker, held, this.settings, cx)
+                            {
+                                this.span.record("outcome", Outcome::Lost.as_str());
+                                this.state.set(State::Rejected { response: None });
+                                return Poll::Ready(Ok(this.settings.respond(&rejection)));
+                            }
+                            return Poll::Pending;
+                        }
+                    };
                     // A handler that blocked its thread past the lease and finished in
                     // the same poll got past the watchdog: look at the deadline now.
                     let ran_out = held.is_lost();
@@ -262,6 +272,29 @@ where
             }
         }
     }
+}
+
+/// Polls the watchdog of a lock whose handler runs. On a loss, counts it and, under
+/// [`LossPolicy::Abort`], returns the answer that replaces the handler's (whose future the
+/// caller then drops; the guard still releases, in case the lease was merely
+/// unreachable). Under `Signal` the handler was told through `Held`; it decides.
+fn watch_lease<Backend: LockBackend>(
+    watchdog: &mut Option<Watchdog<Backend>>,
+    locker: &Locker<Backend>,
+    held: &Held,
+    settings: &LayerSettings,
+    cx: &mut Context<'_>,
+) -> Option<LockRejection> {
+    let Poll::Ready(loss) = watchdog.as_mut()?.poll_lost(cx) else {
+        return None;
+    };
+    *watchdog = None;
+    observe::lost(locker.class());
+    if settings.loss_policy != LossPolicy::Abort {
+        return None;
+    }
+    observe::held(locker.class(), held.acquired_at().elapsed());
+    Some(LayerSettings::loss(loss, locker.settings().retry_after_cap))
 }
 
 impl<S, Backend, ReqBody> fmt::Debug for ResponseFuture<S, Backend, ReqBody>
