@@ -7,7 +7,9 @@
 #![allow(dead_code)]
 
 use std::{
+    fs::File,
     net::TcpListener,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -25,6 +27,19 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Arguments beyond the defaults (cluster mode, a data directory).
     extra_args: Vec<String>,
+    /// The default user's password (`--requirepass`): the admin connections send it.
+    password: Option<String>,
+    /// The TLS port, when the server listens for TLS too.
+    tls_port: Option<u16>,
+}
+
+/// The files a TLS server is started with (PEM): its certificate and key, and the CA that
+/// signed them.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl RedisServer {
@@ -40,21 +55,71 @@ impl RedisServer {
 
     /// [`spawn`](Self::spawn) with more arguments (`--replicaof`, `--maxmemory`…).
     pub fn spawn_with(args: &[&str]) -> Self {
+        Self::try_spawn(args, None, false).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// A server whose default user needs `password` (`--requirepass`); [`url`](Self::url)
+    /// carries it.
+    pub fn spawn_with_password(password: &str) -> Self {
+        Self::try_spawn(&["--requirepass", password], Some(password), false)
+            .unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// A server that listens for TLS on a port of its own (see [`tls_url`](Self::tls_url))
+    /// with the certificate in `files`, besides the plain port the admin connections use.
+    /// Clients need no certificate of their own.
+    ///
+    /// `Err` says why the server did not start: most often a `redis-server` built without
+    /// TLS (the PyPI wheels' are), which callers skip on.
+    pub fn spawn_tls(files: &TlsFiles) -> Result<Self, String> {
+        let path = |path: &Path| path.display().to_string();
+        let (cert, key, ca) = (path(&files.cert), path(&files.key), path(&files.ca));
+        let args = [
+            "--tls-cert-file",
+            cert.as_str(),
+            "--tls-key-file",
+            key.as_str(),
+            "--tls-ca-cert-file",
+            ca.as_str(),
+            "--tls-auth-clients",
+            "no",
+        ];
+        Self::try_spawn(&args, None, true)
+    }
+
+    fn try_spawn(args: &[&str], password: Option<&str>, tls: bool) -> Result<Self, String> {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let extra_args = args.iter().map(|arg| arg.to_string()).collect();
+            let tls_port = tls.then(free_port);
+            let mut extra_args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+            if let Some(tls_port) = tls_port {
+                extra_args.extend(["--tls-port".to_owned(), tls_port.to_string()]);
+            }
             let mut server = RedisServer {
                 port,
                 child: None,
                 extra_args,
+                password: password.map(str::to_owned),
+                tls_port,
             };
             match server.start() {
-                Ok(()) => return server,
+                Ok(()) => return Ok(server),
+                // A server that refuses its arguments does so on every port.
+                Err(err) if err.contains("exited") && !err.contains("in use") => return Err(err),
                 Err(err) => last_error = err,
             }
         }
-        panic!("could not start redis-server: {last_error}");
+        Err(format!("could not start redis-server: {last_error}"))
+    }
+
+    /// `redis-server --version`, e.g. `Redis server v=7.0.15 sha=…`.
+    pub fn version() -> String {
+        Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_else(|err| format!("redis-server --version failed: {err}"))
     }
 
     /// The server's port on 127.0.0.1.
@@ -62,9 +127,29 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, with the default user's password if it has one: the
+    /// admin's URL.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// `redis://<user>:<password>@127.0.0.1:<port>`: the plain port as `user`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://localhost:<tls port>` of a server from [`spawn_tls`](Self::spawn_tls)
+    /// (`localhost` is the name in the test certificate).
+    ///
+    /// # Panics
+    ///
+    /// When the server does not listen for TLS.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("not a TLS server");
+        format!("rediss://localhost:{port}")
     }
 
     /// The pid of the running process.
@@ -127,12 +212,36 @@ impl RedisServer {
             .expect("redis command")
     }
 
+    /// Where the server's log goes while it starts (removed once it answers).
+    fn log_path(&self) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "trl-redis-{}-{}.log",
+            std::process::id(),
+            self.port
+        ))
+    }
+
+    /// The last lines of the start-up log, to say why a server did not come up.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+
     fn start(&mut self) -> Result<(), String> {
+        let log = File::create(self.log_path()).map_err(|err| format!("server log: {err}"))?;
+        let result = self.start_logging_to(log);
+        let _ = std::fs::remove_file(self.log_path());
+        result
+    }
+
+    fn start_logging_to(&mut self, log: File) -> Result<(), String> {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .args(&self.extra_args)
-            .stdout(Stdio::null())
+            // Only start-up is logged: the file is removed once the server answers.
+            .stdout(log)
             .stderr(Stdio::null())
             .spawn()
             .map_err(|err| {
@@ -155,8 +264,10 @@ impl RedisServer {
             {
                 self.child = None;
                 return Err(format!(
-                    "redis-server on port {} exited with {status}",
-                    self.port
+                    "redis-server ({}) on port {} exited with {status}: {}",
+                    Self::version(),
+                    self.port,
+                    self.log_tail()
                 ));
             }
             if self.ping() {
@@ -243,6 +354,8 @@ impl RedisCluster {
                 port,
                 child: None,
                 extra_args,
+                password: None,
+                tls_port: None,
             };
             if node.start().is_ok() {
                 nodes.push(node);
