@@ -6,14 +6,20 @@
 //! connection it hands out). After a connection error or timeout the next operation takes
 //! a fresh connection from the pool.
 
-use std::sync::{
-    Mutex, MutexGuard, PoisonError,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use deadpool_redis::{
-    Connection, Pool,
-    redis::{Cmd, Pipeline, RedisFuture, Value, aio::ConnectionLike, aio::MultiplexedConnection},
+    Connection, Pool, PoolError,
+    redis::{
+        Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
+        aio::ConnectionLike, aio::MultiplexedConnection,
+    },
 };
 #[cfg(feature = "cluster")]
 use deadpool_redis::{cluster, redis::cluster_async::ClusterConnection};
@@ -73,7 +79,14 @@ pub(super) struct SharedConnection {
     current: Mutex<Option<Conn>>,
     /// Whether the server's settings were looked at (once, on the first connection).
     checked: AtomicBool,
+    /// When a failure to connect was last logged, and how many were not since.
+    failure_log: Mutex<Option<Instant>>,
+    unlogged_failures: AtomicU64,
 }
+
+/// A backend that cannot connect logs it at WARN at most once per this interval (every
+/// request tries anew, and each gets its 503).
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl SharedConnection {
     pub(super) fn new(pools: Pools) -> Self {
@@ -81,7 +94,33 @@ impl SharedConnection {
             pools,
             current: Mutex::default(),
             checked: AtomicBool::new(false),
+            failure_log: Mutex::default(),
+            unlogged_failures: AtomicU64::new(0),
         }
+    }
+
+    /// Logs a failure to connect, at most once per [`FAILURE_LOG_INTERVAL`], with what it
+    /// most likely means.
+    fn log_failure(&self, err: &PoolError) {
+        let now = Instant::now();
+        {
+            let mut last = self
+                .failure_log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| now.duration_since(at) < FAILURE_LOG_INTERVAL) {
+                self.unlogged_failures.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            *last = Some(now);
+        }
+        let since = self.unlogged_failures.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            error = %err,
+            failures_not_logged = since,
+            "cannot connect to Redis: {}; lock requests get 503",
+            connect_failure_hint(err)
+        );
     }
 
     fn current(&self) -> MutexGuard<'_, Option<Conn>> {
@@ -94,7 +133,10 @@ impl SharedConnection {
         if let Some(conn) = self.current().as_ref() {
             return Ok(conn.clone());
         }
-        let unavailable = |err: deadpool_redis::PoolError| BackendError::Unavailable(err.into());
+        let unavailable = |err: PoolError| {
+            self.log_failure(&err);
+            BackendError::Unavailable(err.into())
+        };
         let fresh = match &self.pools {
             Pools::Single(pool) => {
                 Conn::Single(Connection::take(pool.get().await.map_err(unavailable)?))
@@ -143,4 +185,37 @@ impl SharedConnection {
             Pools::Cluster(pool) => pool.status(),
         }
     }
+}
+
+/// What a failure to connect most likely means, for the log.
+fn connect_failure_hint(err: &PoolError) -> &'static str {
+    match err {
+        PoolError::Backend(err) => redis_failure_hint(err),
+        PoolError::Timeout(_) => "no connection within the pool's timeout",
+        _ => "the pool gave no connection",
+    }
+}
+
+/// The same for the error of the Redis client.
+pub(super) fn redis_failure_hint(err: &RedisError) -> &'static str {
+    if err.kind() == ErrorKind::AuthenticationFailed {
+        return "the server refused the user name or password (check the URL's credentials)";
+    }
+    if err.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
+        return "the Redis user lacks a permission (see README, What the Redis user needs)";
+    }
+    let text = err.to_string();
+    if text.contains("certificate") || text.contains("Certificate") {
+        return "TLS: the server's certificate is not trusted or names another host";
+    }
+    if text.contains("tls") || text.contains("TLS") || text.contains("handshake") {
+        return "the TLS handshake failed";
+    }
+    if err.is_connection_refusal() {
+        return "the connection was refused (is the server up at that address?)";
+    }
+    if err.is_timeout() {
+        return "connecting timed out";
+    }
+    "the connection failed"
 }

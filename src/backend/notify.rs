@@ -219,7 +219,19 @@ impl Notifier {
         let link = match self.link().await {
             Ok(link) => link,
             Err(err) => {
-                self.state().failed();
+                let first = {
+                    let mut state = self.state();
+                    state.failed();
+                    state.failures == 1
+                };
+                if first {
+                    // Once per run of failures: the retries back off, each logged at DEBUG.
+                    tracing::warn!(
+                        error = %err,
+                        "cannot connect for release notifications: {}; waiters rely on their backoff",
+                        super::connection::redis_failure_hint(&err)
+                    );
+                }
                 return Err(err);
             }
         };

@@ -82,16 +82,58 @@ impl RedisBackend {
         }
     }
 
-    /// A backend on the Redis server at `url` (`redis://host:port/db`), with a pool of
-    /// default size and release notifications on: waiters wake as soon as a lock they wait
-    /// for is released, instead of on their next backoff.
+    /// A backend on the Redis server at `url`, with a pool of default size and release
+    /// notifications on: waiters wake as soon as a lock they wait for is released, instead
+    /// of on their next backoff.
     ///
-    /// Nothing is connected yet: a malformed URL is a [`ConfigError`]; an unreachable
-    /// server shows later, as 503s.
+    /// The URL is `redis://[<user>][:<password>@]<host>:<port>[/<db>]`; with the `tls`
+    /// feature also `rediss://…`, checked against the platform's root certificates (for a
+    /// CA of your own, see [`from_client`](Self::from_client)). The lock and notification
+    /// connections both log in with the URL's user and password.
+    ///
+    /// Nothing is connected yet: a malformed URL (or `rediss://` without the `tls`
+    /// feature) is a [`ConfigError`]; an unreachable server, a wrong password or an
+    /// untrusted certificate shows later, as 503s and a WARN log line.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         let client = Client::open(url).map_err(|err| ConfigError(err.into()))?;
-        let pool = deadpool_redis::Config::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
+        Self::from_client(client)
+    }
+
+    /// A backend on `client`'s server, with a pool of default size and release
+    /// notifications over `client`, as [`from_url`](Self::from_url) but for a client
+    /// built by hand: TLS with a CA of your own or a client certificate
+    /// (`Client::build_with_tls`, with the `tls` feature), or connection settings that a URL
+    /// cannot say.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tls")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use deadpool_redis::redis::{Client, TlsCertificates};
+    /// use tower_redis_lock::RedisBackend;
+    ///
+    /// let client = Client::build_with_tls(
+    ///     "rediss://locker:password@redis.internal:6380",
+    ///     TlsCertificates {
+    ///         client_tls: None,
+    ///         root_cert: Some(std::fs::read("/etc/redis/ca.crt")?),
+    ///     },
+    /// )?;
+    /// let backend = RedisBackend::from_client(client)?;
+    /// # let _ = backend;
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "tls"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// Nothing is connected yet; a [`ConfigError`] means the pool could not be built from
+    /// the client's settings.
+    pub fn from_client(client: Client) -> Result<Self, ConfigError> {
+        let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
+            .map_err(|err| ConfigError(err.into()))?;
+        let pool = Pool::builder(manager)
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(|err| ConfigError(err.into()))?;
         Ok(Self::new(pool).notify_with(client))
     }
