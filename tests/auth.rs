@@ -216,6 +216,28 @@ async fn notifications_reach_the_acl_user() {
     assert!(refusals.is_empty(), "{refusals:#?}");
 }
 
+/// deadpool-redis checks a connection it hands out again with `UNWATCH` and `PING`: the
+/// ACL user may send both, so the pool keeps its connections instead of replacing each.
+#[tokio::test]
+async fn the_pool_reuses_the_acl_users_connections() {
+    let server = RedisServer::spawn();
+    create_acl_user(&server);
+    let (user, password) = ACL_USER;
+    let pool = support::pool(&server.url_as(user, password));
+    for _ in 0..3 {
+        let mut conn = pool.get().await.expect("a connection for the ACL user");
+        let () = cmd("SET")
+            .arg("lock:{recycled}")
+            .arg("1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let refusals = support::acl_refusals(&server);
+    assert!(refusals.is_empty(), "{refusals:#?}");
+    assert_eq!(pool.status().size, 1, "the pool replaced its connection");
+}
+
 /// With `requirepass`, the password in the URL logs in the lock and notification
 /// connections alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
