@@ -32,6 +32,8 @@ pub(super) enum Pools {
     Single(Pool),
     #[cfg(feature = "cluster")]
     Cluster(cluster::Pool),
+    #[cfg(feature = "sentinel")]
+    Sentinel(deadpool_redis::sentinel::Pool),
 }
 
 /// A connection to one server or to the cluster; cheap to clone.
@@ -145,6 +147,10 @@ impl SharedConnection {
             Pools::Cluster(pool) => Conn::Cluster(cluster::Connection::take(
                 pool.get().await.map_err(unavailable)?,
             )),
+            #[cfg(feature = "sentinel")]
+            Pools::Sentinel(pool) => Conn::Single(deadpool_redis::sentinel::Connection::take(
+                pool.get().await.map_err(unavailable)?,
+            )),
         };
         if !self.checked.swap(true, Ordering::Relaxed)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -161,6 +167,12 @@ impl SharedConnection {
                     }
                     #[cfg(feature = "cluster")]
                     Pools::Cluster(pool) => {
+                        if let Ok(conn) = pool.get().await {
+                            environment::check(conn).await;
+                        }
+                    }
+                    #[cfg(feature = "sentinel")]
+                    Pools::Sentinel(pool) => {
                         if let Ok(conn) = pool.get().await {
                             environment::check(conn).await;
                         }
@@ -183,6 +195,8 @@ impl SharedConnection {
             Pools::Single(pool) => pool.status(),
             #[cfg(feature = "cluster")]
             Pools::Cluster(pool) => pool.status(),
+            #[cfg(feature = "sentinel")]
+            Pools::Sentinel(pool) => pool.status(),
         }
     }
 }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{
     Acquire, BackendError, ConfigError, LockBackend, Released,
     connection::{Pools, SharedConnection},
-    notify::Notifier,
+    notify::{Notifier, Source},
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
 use crate::key::LockKey;
@@ -147,7 +147,70 @@ impl RedisBackend {
     /// lost (pub/sub is at-most-once), so the backoff stays as the safety net, and a lost
     /// subscriber connection is made again by the next wait.
     pub fn notify_with(mut self, client: Client) -> Self {
-        self.notifier = Some(Arc::new(Notifier::new(client, self.config.command_timeout)));
+        self.notifier = Some(Arc::new(Notifier::new(
+            Source::Client(client),
+            self.config.command_timeout,
+        )));
+        self
+    }
+
+    /// A backend on the primary of the Sentinel-monitored group `master_name`, found
+    /// through the Sentinels at `sentinel_urls` (`redis://host:26379`, one per Sentinel),
+    /// with a pool of default size and release notifications on.
+    ///
+    /// Every new connection (the first one, and the next after a connection error or a
+    /// `READONLY` from a demoted primary) asks the Sentinels for the current primary, and
+    /// so does the notification connection when it connects again: during a failover
+    /// requests get 503, afterwards they go to the new primary. What a failover can do to
+    /// a held lock: see the README (Sentinel). Credentials or TLS for the data nodes: build
+    /// the pool yourself and use [`sentinel`](Self::sentinel).
+    ///
+    /// Nothing is connected yet: malformed URLs are a [`ConfigError`].
+    #[cfg(feature = "sentinel")]
+    pub fn from_sentinel(sentinel_urls: &[&str], master_name: &str) -> Result<Self, ConfigError> {
+        use deadpool_redis::{redis::sentinel::SentinelClient, sentinel};
+        let urls: Vec<String> = sentinel_urls.iter().map(|url| url.to_string()).collect();
+        let config = sentinel::Config::from_urls(
+            urls,
+            master_name.to_owned(),
+            sentinel::SentinelServerType::Master,
+        );
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|err| ConfigError(err.into()))?;
+        // `build` takes a `String` without redis's TLS feature, `impl AsRef<str>` with it.
+        #[allow(clippy::unnecessary_to_owned)]
+        let client = SentinelClient::build(
+            sentinel_urls.to_vec(),
+            master_name.to_owned(),
+            None,
+            deadpool_redis::redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|err| ConfigError(err.into()))?;
+        Ok(Self::sentinel(pool).notify_with_sentinel(client))
+    }
+
+    /// A backend over a deadpool-redis Sentinel pool (of `SentinelServerType::Master`),
+    /// for settings [`from_sentinel`](Self::from_sentinel) does not take (the data nodes'
+    /// credentials or TLS); release notifications with
+    /// [`notify_with_sentinel`](Self::notify_with_sentinel).
+    #[cfg(feature = "sentinel")]
+    pub fn sentinel(pool: deadpool_redis::sentinel::Pool) -> Self {
+        Self::with_pools(Pools::Sentinel(pool))
+    }
+
+    /// Release notifications as with [`notify_with`](Self::notify_with), over a connection
+    /// to the current primary that `client` finds through the Sentinels (again at each
+    /// reconnection, so after a failover too).
+    #[cfg(feature = "sentinel")]
+    pub fn notify_with_sentinel(
+        mut self,
+        client: deadpool_redis::redis::sentinel::SentinelClient,
+    ) -> Self {
+        self.notifier = Some(Arc::new(Notifier::new(
+            Source::Sentinel(tokio::sync::Mutex::new(client)),
+            self.config.command_timeout,
+        )));
         self
     }
 

@@ -31,6 +31,8 @@ pub struct RedisServer {
     password: Option<String>,
     /// The TLS port, when the server listens for TLS too.
     tls_port: Option<u16>,
+    /// A configuration file, given first (Sentinels need one they can rewrite).
+    config_file: Option<PathBuf>,
 }
 
 /// The files a TLS server is started with (PEM): its certificate and key, and the CA that
@@ -102,6 +104,7 @@ impl RedisServer {
                 extra_args,
                 password: password.map(str::to_owned),
                 tls_port,
+                config_file: None,
             };
             match server.start() {
                 Ok(()) => return Ok(server),
@@ -237,6 +240,7 @@ impl RedisServer {
 
     fn start_logging_to(&mut self, log: File) -> Result<(), String> {
         let child = Command::new("redis-server")
+            .args(&self.config_file)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .args(&self.extra_args)
@@ -356,6 +360,7 @@ impl RedisCluster {
                 extra_args,
                 password: None,
                 tls_port: None,
+                config_file: None,
             };
             if node.start().is_ok() {
                 nodes.push(node);
@@ -418,4 +423,113 @@ fn free_cluster_port() -> u16 {
 fn fastrand_port() -> u16 {
     use std::hash::{BuildHasher, RandomState};
     (RandomState::new().hash_one(Instant::now()) % 10_000) as u16
+}
+
+/// The name of the group a [`SentinelGroup`]'s Sentinels watch.
+pub const MASTER_NAME: &str = "mymaster";
+
+/// A primary, one replica and three Sentinels watching them (quorum 2; a primary that has
+/// not answered for 1 s is down), each a [`RedisServer`]. The Sentinels run as
+/// `redis-server <config> --sentinel`, so every server of the matrix brings its own.
+#[derive(Debug)]
+pub struct SentinelGroup {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+    dir: PathBuf,
+}
+
+impl SentinelGroup {
+    /// Starts the servers and waits until the replica is in sync and every Sentinel knows
+    /// the replica and the two other Sentinels (a failover needs all of it).
+    pub fn spawn() -> Self {
+        let primary = RedisServer::spawn();
+        let primary_port = primary.port().to_string();
+        let replica = RedisServer::spawn_with(&["--replicaof", "127.0.0.1", &primary_port]);
+        let dir = std::env::temp_dir().join(format!(
+            "trl-sentinel-{}-{}",
+            std::process::id(),
+            primary.port()
+        ));
+        std::fs::create_dir_all(&dir).expect("sentinel directory");
+        let mut sentinels = Vec::new();
+        while sentinels.len() < 3 {
+            let port = free_port();
+            // Sentinels rewrite their configuration file: one each.
+            let config = dir.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "sentinel monitor {MASTER_NAME} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {MASTER_NAME} 10000\n"
+                ),
+            )
+            .expect("sentinel configuration");
+            let mut sentinel = RedisServer {
+                port,
+                child: None,
+                extra_args: vec!["--sentinel".into()],
+                password: None,
+                tls_port: None,
+                config_file: Some(config),
+            };
+            if sentinel.start().is_ok() {
+                sentinels.push(sentinel);
+            }
+        }
+        let group = SentinelGroup {
+            primary,
+            replica,
+            sentinels,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !group.ready() {
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinel group never became ready"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        group
+    }
+
+    fn ready(&self) -> bool {
+        let info: String = self.replica.query(redis::cmd("INFO").arg("replication"));
+        if !info.contains("master_link_status:up") {
+            return false;
+        }
+        self.sentinels.iter().all(|sentinel| {
+            let replicas: Vec<redis::Value> =
+                sentinel.query(redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME));
+            let others: Vec<redis::Value> =
+                sentinel.query(redis::cmd("SENTINEL").arg("SENTINELS").arg(MASTER_NAME));
+            replicas.len() == 1 && others.len() == 2
+        })
+    }
+
+    /// `redis://127.0.0.1:<port>` of every Sentinel.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(RedisServer::url).collect()
+    }
+
+    /// The port of the primary, as the Sentinels that answer see it (the first one's).
+    pub fn primary_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|sentinel| {
+            let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(MASTER_NAME)
+                .query(&mut sentinel.connection())
+                .ok()?;
+            addr?.1.parse().ok()
+        })
+    }
+}
+
+impl Drop for SentinelGroup {
+    fn drop(&mut self) {
+        self.sentinels.clear(); // stops them
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
