@@ -6,14 +6,20 @@
 //! connection it hands out). After a connection error or timeout the next operation takes
 //! a fresh connection from the pool.
 
-use std::sync::{
-    Mutex, MutexGuard, PoisonError,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use deadpool_redis::{
-    Connection, Pool,
-    redis::{Cmd, Pipeline, RedisFuture, Value, aio::ConnectionLike, aio::MultiplexedConnection},
+    Connection, Pool, PoolError,
+    redis::{
+        Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, Value,
+        aio::ConnectionLike, aio::MultiplexedConnection,
+    },
 };
 #[cfg(feature = "cluster")]
 use deadpool_redis::{cluster, redis::cluster_async::ClusterConnection};
@@ -26,6 +32,8 @@ pub(super) enum Pools {
     Single(Pool),
     #[cfg(feature = "cluster")]
     Cluster(cluster::Pool),
+    #[cfg(feature = "sentinel")]
+    Sentinel(deadpool_redis::sentinel::Pool),
 }
 
 /// A connection to one server or to the cluster; cheap to clone.
@@ -73,7 +81,14 @@ pub(super) struct SharedConnection {
     current: Mutex<Option<Conn>>,
     /// Whether the server's settings were looked at (once, on the first connection).
     checked: AtomicBool,
+    /// When a failure to connect was last logged, and how many were not since.
+    failure_log: Mutex<Option<Instant>>,
+    unlogged_failures: AtomicU64,
 }
+
+/// A backend that cannot connect logs it at WARN at most once per this interval (every
+/// request tries anew, and each gets its 503).
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl SharedConnection {
     pub(super) fn new(pools: Pools) -> Self {
@@ -81,7 +96,33 @@ impl SharedConnection {
             pools,
             current: Mutex::default(),
             checked: AtomicBool::new(false),
+            failure_log: Mutex::default(),
+            unlogged_failures: AtomicU64::new(0),
         }
+    }
+
+    /// Logs a failure to connect, at most once per [`FAILURE_LOG_INTERVAL`], with what it
+    /// most likely means.
+    fn log_failure(&self, err: &PoolError) {
+        let now = Instant::now();
+        {
+            let mut last = self
+                .failure_log
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| now.duration_since(at) < FAILURE_LOG_INTERVAL) {
+                self.unlogged_failures.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            *last = Some(now);
+        }
+        let since = self.unlogged_failures.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            error = %err,
+            failures_not_logged = since,
+            "cannot connect to Redis: {}; lock requests get 503",
+            connect_failure_hint(err)
+        );
     }
 
     fn slot(&self) -> MutexGuard<'_, Option<Conn>> {
@@ -106,13 +147,20 @@ impl SharedConnection {
 
     /// Takes a connection from the pool and shares it.
     async fn connect(&self) -> Result<Conn, BackendError> {
-        let unavailable = |err: deadpool_redis::PoolError| BackendError::Unavailable(err.into());
+        let unavailable = |err: PoolError| {
+            self.log_failure(&err);
+            BackendError::Unavailable(err.into())
+        };
         let fresh = match &self.pools {
             Pools::Single(pool) => {
                 Conn::Single(Connection::take(pool.get().await.map_err(unavailable)?))
             }
             #[cfg(feature = "cluster")]
             Pools::Cluster(pool) => Conn::Cluster(cluster::Connection::take(
+                pool.get().await.map_err(unavailable)?,
+            )),
+            #[cfg(feature = "sentinel")]
+            Pools::Sentinel(pool) => Conn::Single(deadpool_redis::sentinel::Connection::take(
                 pool.get().await.map_err(unavailable)?,
             )),
         };
@@ -135,6 +183,12 @@ impl SharedConnection {
                             environment::check(conn).await;
                         }
                     }
+                    #[cfg(feature = "sentinel")]
+                    Pools::Sentinel(pool) => {
+                        if let Ok(conn) = pool.get().await {
+                            environment::check(conn).await;
+                        }
+                    }
                 }
             });
         }
@@ -153,6 +207,41 @@ impl SharedConnection {
             Pools::Single(pool) => pool.status(),
             #[cfg(feature = "cluster")]
             Pools::Cluster(pool) => pool.status(),
+            #[cfg(feature = "sentinel")]
+            Pools::Sentinel(pool) => pool.status(),
         }
     }
+}
+
+/// What a failure to connect most likely means, for the log.
+fn connect_failure_hint(err: &PoolError) -> &'static str {
+    match err {
+        PoolError::Backend(err) => redis_failure_hint(err),
+        PoolError::Timeout(_) => "no connection within the pool's timeout",
+        _ => "the pool gave no connection",
+    }
+}
+
+/// The same for the error of the Redis client.
+pub(super) fn redis_failure_hint(err: &RedisError) -> &'static str {
+    if err.kind() == ErrorKind::AuthenticationFailed {
+        return "the server refused the user name or password (check the URL's credentials)";
+    }
+    if err.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) {
+        return "the Redis user lacks a permission (see README, What the Redis user needs)";
+    }
+    let text = err.to_string();
+    if text.contains("certificate") || text.contains("Certificate") {
+        return "TLS: the server's certificate is not trusted or names another host";
+    }
+    if text.contains("tls") || text.contains("TLS") || text.contains("handshake") {
+        return "the TLS handshake failed";
+    }
+    if err.is_connection_refusal() {
+        return "the connection was refused (is the server up at that address?)";
+    }
+    if err.is_timeout() {
+        return "connecting timed out";
+    }
+    "the connection failed"
 }

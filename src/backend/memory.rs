@@ -67,7 +67,7 @@ impl InMemoryBackend {
         self.with_locks(|locks| locks.held.values().filter(|l| l.expires_at > now).count())
     }
 
-    /// Whether `token` holds the lock on `key` now.
+    /// Whether `token` holds the lock on `key` now (for the idempotency store).
     #[cfg(feature = "idempotency")]
     pub(crate) fn holds(&self, key: &LockKey, token: Uuid) -> bool {
         let now = Instant::now();

@@ -41,8 +41,31 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
 /// subscriptions, whether or not a connection is up.
 const SWEEP_AT_LEAST: usize = 64;
 
+/// Where the subscriber connection comes from.
+pub(crate) enum Source {
+    /// One server, always the same.
+    Client(Client),
+    /// The current primary of a Sentinel-monitored group, asked of the Sentinels at each
+    /// connection (so a new connection after a failover goes to the new primary).
+    #[cfg(feature = "sentinel")]
+    Sentinel(tokio::sync::Mutex<deadpool_redis::redis::sentinel::SentinelClient>),
+}
+
+impl Source {
+    async fn pubsub(&self) -> Result<deadpool_redis::redis::aio::PubSub, RedisError> {
+        match self {
+            Source::Client(client) => client.get_async_pubsub().await,
+            #[cfg(feature = "sentinel")]
+            Source::Sentinel(sentinel) => {
+                let client = sentinel.lock().await.async_get_client().await?;
+                client.get_async_pubsub().await
+            }
+        }
+    }
+}
+
 pub(crate) struct Notifier {
-    client: Client,
+    source: Source,
     /// Bounds connecting and each (un)subscribe.
     timeout: Duration,
     state: Mutex<State>,
@@ -133,9 +156,9 @@ fn timed_out() -> RedisError {
 }
 
 impl Notifier {
-    pub(crate) fn new(client: Client, timeout: Duration) -> Self {
+    pub(crate) fn new(source: Source, timeout: Duration) -> Self {
         Self {
-            client,
+            source,
             timeout,
             state: Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
@@ -230,7 +253,19 @@ impl Notifier {
         let link = match self.link().await {
             Ok(link) => link,
             Err(err) => {
-                self.state().failed();
+                let first = {
+                    let mut state = self.state();
+                    state.failed();
+                    state.failures == 1
+                };
+                if first {
+                    // Once per run of failures: the retries back off, each logged at DEBUG.
+                    tracing::warn!(
+                        error = %err,
+                        "cannot connect for release notifications: {}; waiters rely on their backoff",
+                        super::connection::redis_failure_hint(&err)
+                    );
+                }
                 return Err(err);
             }
         };
@@ -299,7 +334,7 @@ impl Notifier {
         if let Some(link) = self.state().link.clone() {
             return Ok(link);
         }
-        let pubsub = tokio::time::timeout(self.timeout, self.client.get_async_pubsub())
+        let pubsub = tokio::time::timeout(self.timeout, self.source.pubsub())
             .await
             .map_err(|_| timed_out())??;
         let (sink, stream) = pubsub.split();
@@ -434,7 +469,10 @@ mod tests {
     async fn the_channel_map_stays_bounded_without_a_connection() {
         // Port 1 on loopback: nothing listens, the connection is refused at once.
         let client = Client::open("redis://127.0.0.1:1").unwrap();
-        let notifier = Arc::new(Notifier::new(client, Duration::from_millis(200)));
+        let notifier = Arc::new(Notifier::new(
+            Source::Client(client),
+            Duration::from_millis(200),
+        ));
         let started = Instant::now();
         for i in 0..500 {
             let channel = format!("lock:{{k{i}}}:released");

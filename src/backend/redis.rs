@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{
     Acquire, BackendError, ConfigError, LockBackend, Released,
     connection::{Conn, Pools, SharedConnection},
-    notify::Notifier,
+    notify::{Notifier, Source},
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
 use crate::key::LockKey;
@@ -85,16 +85,58 @@ impl RedisBackend {
         }
     }
 
-    /// A backend on the Redis server at `url` (`redis://host:port/db`), with a pool of
-    /// default size and release notifications on: waiters wake as soon as a lock they wait
-    /// for is released, instead of on their next backoff.
+    /// A backend on the Redis server at `url`, with a pool of default size and release
+    /// notifications on: waiters wake as soon as a lock they wait for is released, instead
+    /// of on their next backoff.
     ///
-    /// Nothing is connected yet: a malformed URL is a [`ConfigError`]; an unreachable
-    /// server shows later, as 503s.
+    /// The URL is `redis://[<user>][:<password>@]<host>:<port>[/<db>]`; with the `tls`
+    /// feature also `rediss://…`, checked against the platform's root certificates (for a
+    /// CA of your own, see [`from_client`](Self::from_client)). The lock and notification
+    /// connections both log in with the URL's user and password.
+    ///
+    /// Nothing is connected yet: a malformed URL (or `rediss://` without the `tls`
+    /// feature) is a [`ConfigError`]; an unreachable server, a wrong password or an
+    /// untrusted certificate shows later, as 503s and a WARN log line.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         let client = Client::open(url).map_err(|err| ConfigError(err.into()))?;
-        let pool = deadpool_redis::Config::from_url(url)
-            .create_pool(Some(Runtime::Tokio1))
+        Self::from_client(client)
+    }
+
+    /// A backend on `client`'s server, with a pool of default size and release
+    /// notifications over `client`, as [`from_url`](Self::from_url) but for a client
+    /// built by hand: TLS with a CA of your own or a client certificate
+    /// (`Client::build_with_tls`, with the `tls` feature), or connection settings that a URL
+    /// cannot say.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "tls")]
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use deadpool_redis::redis::{Client, TlsCertificates};
+    /// use tower_redis_lock::RedisBackend;
+    ///
+    /// let client = Client::build_with_tls(
+    ///     "rediss://locker:password@redis.internal:6380",
+    ///     TlsCertificates {
+    ///         client_tls: None,
+    ///         root_cert: Some(std::fs::read("/etc/redis/ca.crt")?),
+    ///     },
+    /// )?;
+    /// let backend = RedisBackend::from_client(client)?;
+    /// # let _ = backend;
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "tls"))]
+    /// # fn main() {}
+    /// ```
+    ///
+    /// Nothing is connected yet; a [`ConfigError`] means the pool could not be built from
+    /// the client's settings.
+    pub fn from_client(client: Client) -> Result<Self, ConfigError> {
+        let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
+            .map_err(|err| ConfigError(err.into()))?;
+        let pool = Pool::builder(manager)
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(|err| ConfigError(err.into()))?;
         Ok(Self::new(pool).notify_with(client))
     }
@@ -109,7 +151,70 @@ impl RedisBackend {
     /// lost (pub/sub is at-most-once), so the backoff stays as the safety net, and a lost
     /// subscriber connection is made again by the next wait.
     pub fn notify_with(mut self, client: Client) -> Self {
-        self.notifier = Some(Arc::new(Notifier::new(client, self.config.command_timeout)));
+        self.notifier = Some(Arc::new(Notifier::new(
+            Source::Client(client),
+            self.config.command_timeout,
+        )));
+        self
+    }
+
+    /// A backend on the primary of the Sentinel-monitored group `master_name`, found
+    /// through the Sentinels at `sentinel_urls` (`redis://host:26379`, one per Sentinel),
+    /// with a pool of default size and release notifications on.
+    ///
+    /// Every new connection (the first one, and the next after a connection error or a
+    /// `READONLY` from a demoted primary) asks the Sentinels for the current primary, and
+    /// so does the notification connection when it connects again: during a failover
+    /// requests get 503, afterwards they go to the new primary. What a failover can do to
+    /// a held lock: see the README (Sentinel). Credentials or TLS for the data nodes: build
+    /// the pool yourself and use [`sentinel`](Self::sentinel).
+    ///
+    /// Nothing is connected yet: malformed URLs are a [`ConfigError`].
+    #[cfg(feature = "sentinel")]
+    pub fn from_sentinel(sentinel_urls: &[&str], master_name: &str) -> Result<Self, ConfigError> {
+        use deadpool_redis::{redis::sentinel::SentinelClient, sentinel};
+        let urls: Vec<String> = sentinel_urls.iter().map(|url| url.to_string()).collect();
+        let config = sentinel::Config::from_urls(
+            urls,
+            master_name.to_owned(),
+            sentinel::SentinelServerType::Master,
+        );
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|err| ConfigError(err.into()))?;
+        // `build` takes a `String` without redis's TLS feature, `impl AsRef<str>` with it.
+        #[allow(clippy::unnecessary_to_owned)]
+        let client = SentinelClient::build(
+            sentinel_urls.to_vec(),
+            master_name.to_owned(),
+            None,
+            deadpool_redis::redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|err| ConfigError(err.into()))?;
+        Ok(Self::sentinel(pool).notify_with_sentinel(client))
+    }
+
+    /// A backend over a deadpool-redis Sentinel pool (of `SentinelServerType::Master`),
+    /// for settings [`from_sentinel`](Self::from_sentinel) does not take (the data nodes'
+    /// credentials or TLS); release notifications with
+    /// [`notify_with_sentinel`](Self::notify_with_sentinel).
+    #[cfg(feature = "sentinel")]
+    pub fn sentinel(pool: deadpool_redis::sentinel::Pool) -> Self {
+        Self::with_pools(Pools::Sentinel(pool))
+    }
+
+    /// Release notifications as with [`notify_with`](Self::notify_with), over a connection
+    /// to the current primary that `client` finds through the Sentinels (again at each
+    /// reconnection, so after a failover too).
+    #[cfg(feature = "sentinel")]
+    pub fn notify_with_sentinel(
+        mut self,
+        client: deadpool_redis::redis::sentinel::SentinelClient,
+    ) -> Self {
+        self.notifier = Some(Arc::new(Notifier::new(
+            Source::Sentinel(tokio::sync::Mutex::new(client)),
+            self.config.command_timeout,
+        )));
         self
     }
 

@@ -5,6 +5,8 @@
 
 pub mod proxy;
 pub mod redis_server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::{
     collections::HashMap,
@@ -96,21 +98,182 @@ impl Harness for Memory {
 /// Locks in a Redis server of the test's own.
 pub struct Redis {
     pub server: RedisServer,
+    /// How the backends connect when not as the server's admin: an ACL user, a password,
+    /// TLS. With it, they also receive release notifications over that connection.
+    client: Option<deadpool_redis::redis::Client>,
+    /// The ACL user the backends log in as; every refusal it met is a test failure.
+    acl_user: Option<String>,
 }
+
+/// The user name and password of [`Redis::acl`].
+pub const ACL_USER: (&str, &str) = ("locker", "password");
 
 impl Redis {
     pub fn spawn() -> Self {
         Self {
             server: RedisServer::spawn(),
+            client: None,
+            acl_user: None,
         }
     }
+
+    /// Backends log in as [`ACL_USER`], created with exactly the rule README documents
+    /// (see [`acl_rule`]). When the harness drops, `ACL LOG` must be empty: no command
+    /// of the lock, the pool or the notifier was refused.
+    pub fn acl() -> Self {
+        let server = RedisServer::spawn();
+        create_acl_user(&server);
+        let (user, password) = ACL_USER;
+        let client =
+            deadpool_redis::redis::Client::open(server.url_as(user, password)).expect("redis url");
+        Self {
+            server,
+            client: Some(client),
+            acl_user: Some(user.to_owned()),
+        }
+    }
+
+    /// The default user needs a password (`--requirepass`); the backends give it in the
+    /// URL (`redis://:<password>@…`).
+    pub fn password() -> Self {
+        let server = RedisServer::spawn_with_password("s3cret");
+        let client = deadpool_redis::redis::Client::open(server.url()).expect("redis url");
+        Self {
+            server,
+            client: Some(client),
+            acl_user: None,
+        }
+    }
+
+    /// Backends talk TLS (`rediss://`) to the server, trusting the test CA; `None`
+    /// (with a message) when this `redis-server` has no TLS.
+    #[cfg(feature = "tls")]
+    pub fn tls() -> Option<Self> {
+        let certificates = tls::Certificates::new();
+        let server = match RedisServer::spawn_tls(&certificates.files) {
+            Ok(server) => server,
+            Err(err) => {
+                eprintln!("skipped: this redis-server cannot serve TLS ({err})");
+                return None;
+            }
+        };
+        let client = certificates.client(&server.tls_url());
+        Some(Self {
+            server,
+            client: Some(client),
+            acl_user: None,
+        })
+    }
+}
+
+/// The ACL rule of README's "What the Redis user needs (ACL)", word by word after
+/// `ACL SETUSER <user>`.
+pub fn acl_rule() -> Vec<&'static str> {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split_once("### What the Redis user needs (ACL)")
+        .expect("README has the ACL section")
+        .1;
+    let block = section
+        .split_once("```text")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the ACL section has a ```text block")
+        .0;
+    let mut words = block.split_whitespace();
+    assert_eq!(
+        (words.next(), words.next(), words.next()),
+        (Some("ACL"), Some("SETUSER"), Some(ACL_USER.0)),
+        "the README rule should start with `ACL SETUSER {}`",
+        ACL_USER.0
+    );
+    let words: Vec<&str> = words.collect();
+    assert!(
+        words.contains(&format!(">{}", ACL_USER.1).as_str()),
+        "the README rule should set the password `{}`",
+        ACL_USER.1
+    );
+    words
+}
+
+/// Creates [`ACL_USER`] with [`acl_rule`]; on servers that know `CLIENT SETINFO` (Redis
+/// 7.2 and later, Valkey) with `+client|setinfo` too, as README says.
+pub fn create_acl_user(server: &RedisServer) {
+    let mut setuser = deadpool_redis::redis::cmd("ACL");
+    setuser.arg("SETUSER").arg(ACL_USER.0).arg(acl_rule());
+    let () = server.query(&mut setuser);
+    let mut setinfo = deadpool_redis::redis::cmd("ACL");
+    setinfo
+        .arg("SETUSER")
+        .arg(ACL_USER.0)
+        .arg("+client|setinfo");
+    let _: Result<(), _> = setinfo.query(&mut server.connection());
+    let () = server.query(deadpool_redis::redis::cmd("ACL").arg("LOG").arg("RESET"));
+}
+
+/// `ACL LOG`, one line per refusal: what was refused (`object`) for whom and why.
+pub fn acl_refusals(server: &RedisServer) -> Vec<String> {
+    let entries: Vec<HashMap<String, deadpool_redis::redis::Value>> =
+        server.query(deadpool_redis::redis::cmd("ACL").arg("LOG"));
+    entries
+        .iter()
+        .map(|entry| {
+            let field = |name: &str| match entry.get(name) {
+                Some(deadpool_redis::redis::Value::BulkString(bytes)) => {
+                    String::from_utf8_lossy(bytes).into_owned()
+                }
+                Some(other) => format!("{other:?}"),
+                None => String::new(),
+            };
+            format!(
+                "{} refused {} {:?} ({})",
+                field("username"),
+                field("reason"),
+                field("object"),
+                field("context")
+            )
+        })
+        .collect()
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if self.acl_user.is_some() && !std::thread::panicking() && self.server.pid_alive() {
+            let refusals = acl_refusals(&self.server);
+            assert!(
+                refusals.is_empty(),
+                "the README's ACL rule is not enough: {refusals:#?}"
+            );
+        }
+    }
+}
+
+/// A backend on `client`'s server through a pool of its own (bounded waits, as
+/// [`pool`]), with release notifications over `client`.
+pub fn backend_on(client: &deadpool_redis::redis::Client) -> RedisBackend {
+    let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
+        .expect("connection info");
+    let pool = Pool::builder(manager)
+        .max_size(64)
+        .wait_timeout(Some(Duration::from_secs(2)))
+        .create_timeout(Some(Duration::from_secs(2)))
+        .recycle_timeout(Some(Duration::from_secs(2)))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .expect("pool");
+    RedisBackend::new(pool)
+        .command_timeout(Duration::from_millis(500))
+        .notify_with(client.clone())
 }
 
 impl Harness for Redis {
     type Backend = RedisBackend;
 
     fn instance(&self) -> RedisBackend {
-        RedisBackend::new(pool(&self.server.url())).command_timeout(Duration::from_millis(500))
+        match &self.client {
+            Some(client) => backend_on(client),
+            None => RedisBackend::new(pool(&self.server.url()))
+                .command_timeout(Duration::from_millis(500)),
+        }
     }
 
     fn fenced_instance(&self) -> RedisBackend {

@@ -7,7 +7,9 @@
 #![allow(dead_code)]
 
 use std::{
+    fs::File,
     net::TcpListener,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -25,6 +27,21 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Arguments beyond the defaults (cluster mode, a data directory).
     extra_args: Vec<String>,
+    /// The default user's password (`--requirepass`): the admin connections send it.
+    password: Option<String>,
+    /// The TLS port, when the server listens for TLS too.
+    tls_port: Option<u16>,
+    /// A configuration file, given first (Sentinels need one they can rewrite).
+    config_file: Option<PathBuf>,
+}
+
+/// The files a TLS server is started with (PEM): its certificate and key, and the CA that
+/// signed them.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl RedisServer {
@@ -40,21 +57,87 @@ impl RedisServer {
 
     /// [`spawn`](Self::spawn) with more arguments (`--replicaof`, `--maxmemory`…).
     pub fn spawn_with(args: &[&str]) -> Self {
+        Self::try_spawn(args, None, false).unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// A server whose default user needs `password` (`--requirepass`); [`url`](Self::url)
+    /// carries it.
+    pub fn spawn_with_password(password: &str) -> Self {
+        Self::try_spawn(&["--requirepass", password], Some(password), false)
+            .unwrap_or_else(|err| panic!("{err}"))
+    }
+
+    /// A server that listens for TLS on a port of its own (see [`tls_url`](Self::tls_url))
+    /// with the certificate in `files`, besides the plain port the admin connections use.
+    /// Clients need no certificate of their own.
+    ///
+    /// `Err` (which callers skip on) only for a `redis-server` built without TLS (the PyPI
+    /// wheels' are): Redis 6.2 then does not know `tls-port`, Valkey has no TLS
+    /// connection type.
+    ///
+    /// # Panics
+    ///
+    /// When a server with TLS does not start: a test must not skip on a broken set-up.
+    pub fn spawn_tls(files: &TlsFiles) -> Result<Self, String> {
+        Self::spawn_tls_server(files).map_err(|err| {
+            let without_tls = ["Bad directive", "TLS support", "tls-port"]
+                .iter()
+                .any(|words| err.contains(words));
+            assert!(without_tls, "a TLS redis-server did not start: {err}");
+            err
+        })
+    }
+
+    fn spawn_tls_server(files: &TlsFiles) -> Result<Self, String> {
+        let path = |path: &Path| path.display().to_string();
+        let (cert, key, ca) = (path(&files.cert), path(&files.key), path(&files.ca));
+        let args = [
+            "--tls-cert-file",
+            cert.as_str(),
+            "--tls-key-file",
+            key.as_str(),
+            "--tls-ca-cert-file",
+            ca.as_str(),
+            "--tls-auth-clients",
+            "no",
+        ];
+        Self::try_spawn(&args, None, true)
+    }
+
+    fn try_spawn(args: &[&str], password: Option<&str>, tls: bool) -> Result<Self, String> {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let extra_args = args.iter().map(|arg| arg.to_string()).collect();
+            let tls_port = tls.then(free_port);
+            let mut extra_args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+            if let Some(tls_port) = tls_port {
+                extra_args.extend(["--tls-port".to_owned(), tls_port.to_string()]);
+            }
             let mut server = RedisServer {
                 port,
                 child: None,
                 extra_args,
+                password: password.map(str::to_owned),
+                tls_port,
+                config_file: None,
             };
             match server.start() {
-                Ok(()) => return server,
+                Ok(()) => return Ok(server),
+                // A server that refuses its arguments does so on every port.
+                Err(err) if err.contains("exited") && !err.contains("in use") => return Err(err),
                 Err(err) => last_error = err,
             }
         }
-        panic!("could not start redis-server: {last_error}");
+        Err(format!("could not start redis-server: {last_error}"))
+    }
+
+    /// `redis-server --version`, e.g. `Redis server v=7.0.15 sha=…`.
+    pub fn version() -> String {
+        Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_else(|err| format!("redis-server --version failed: {err}"))
     }
 
     /// The server's port on 127.0.0.1.
@@ -62,9 +145,29 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, with the default user's password if it has one: the
+    /// admin's URL.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// `redis://<user>:<password>@127.0.0.1:<port>`: the plain port as `user`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://localhost:<tls port>` of a server from [`spawn_tls`](Self::spawn_tls)
+    /// (`localhost` is the name in the test certificate).
+    ///
+    /// # Panics
+    ///
+    /// When the server does not listen for TLS.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("not a TLS server");
+        format!("rediss://localhost:{port}")
     }
 
     /// The pid of the running process.
@@ -127,13 +230,41 @@ impl RedisServer {
             .expect("redis command")
     }
 
+    /// Where the server's log goes while it starts (removed once it answers).
+    fn log_path(&self) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "trl-redis-{}-{}.log",
+            std::process::id(),
+            self.port
+        ))
+    }
+
+    /// The last lines of the start-up log, to say why a server did not come up.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+
     fn start(&mut self) -> Result<(), String> {
+        let log = File::create(self.log_path()).map_err(|err| format!("server log: {err}"))?;
+        let result = self.start_logging_to(log);
+        let _ = std::fs::remove_file(self.log_path());
+        result
+    }
+
+    fn start_logging_to(&mut self, log: File) -> Result<(), String> {
         let child = Command::new("redis-server")
+            .args(&self.config_file)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .args(&self.extra_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            // Only start-up is logged: the file is removed once the server answers.
+            .stderr(
+                log.try_clone()
+                    .map_err(|err| format!("server log: {err}"))?,
+            )
+            .stdout(log)
             .spawn()
             .map_err(|err| {
                 if err.kind() == std::io::ErrorKind::NotFound {
@@ -155,8 +286,10 @@ impl RedisServer {
             {
                 self.child = None;
                 return Err(format!(
-                    "redis-server on port {} exited with {status}",
-                    self.port
+                    "redis-server ({}) on port {} exited with {status}: {}",
+                    Self::version(),
+                    self.port,
+                    self.log_tail()
                 ));
             }
             if self.ping() {
@@ -243,6 +376,9 @@ impl RedisCluster {
                 port,
                 child: None,
                 extra_args,
+                password: None,
+                tls_port: None,
+                config_file: None,
             };
             if node.start().is_ok() {
                 nodes.push(node);
@@ -305,4 +441,113 @@ fn free_cluster_port() -> u16 {
 fn fastrand_port() -> u16 {
     use std::hash::{BuildHasher, RandomState};
     (RandomState::new().hash_one(Instant::now()) % 10_000) as u16
+}
+
+/// The name of the group a [`SentinelGroup`]'s Sentinels watch.
+pub const MASTER_NAME: &str = "mymaster";
+
+/// A primary, one replica and three Sentinels watching them (quorum 2; a primary that has
+/// not answered for 1 s is down), each a [`RedisServer`]. The Sentinels run as
+/// `redis-server <config> --sentinel`, so every server of the matrix brings its own.
+#[derive(Debug)]
+pub struct SentinelGroup {
+    pub primary: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<RedisServer>,
+    dir: PathBuf,
+}
+
+impl SentinelGroup {
+    /// Starts the servers and waits until the replica is in sync and every Sentinel knows
+    /// the replica and the two other Sentinels (a failover needs all of it).
+    pub fn spawn() -> Self {
+        let primary = RedisServer::spawn();
+        let primary_port = primary.port().to_string();
+        let replica = RedisServer::spawn_with(&["--replicaof", "127.0.0.1", &primary_port]);
+        let dir = std::env::temp_dir().join(format!(
+            "trl-sentinel-{}-{}",
+            std::process::id(),
+            primary.port()
+        ));
+        std::fs::create_dir_all(&dir).expect("sentinel directory");
+        let mut sentinels = Vec::new();
+        while sentinels.len() < 3 {
+            let port = free_port();
+            // Sentinels rewrite their configuration file: one each.
+            let config = dir.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "sentinel monitor {MASTER_NAME} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {MASTER_NAME} 10000\n"
+                ),
+            )
+            .expect("sentinel configuration");
+            let mut sentinel = RedisServer {
+                port,
+                child: None,
+                extra_args: vec!["--sentinel".into()],
+                password: None,
+                tls_port: None,
+                config_file: Some(config),
+            };
+            if sentinel.start().is_ok() {
+                sentinels.push(sentinel);
+            }
+        }
+        let group = SentinelGroup {
+            primary,
+            replica,
+            sentinels,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !group.ready() {
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinel group never became ready"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        group
+    }
+
+    fn ready(&self) -> bool {
+        let info: String = self.replica.query(redis::cmd("INFO").arg("replication"));
+        if !info.contains("master_link_status:up") {
+            return false;
+        }
+        self.sentinels.iter().all(|sentinel| {
+            let replicas: Vec<redis::Value> =
+                sentinel.query(redis::cmd("SENTINEL").arg("REPLICAS").arg(MASTER_NAME));
+            let others: Vec<redis::Value> =
+                sentinel.query(redis::cmd("SENTINEL").arg("SENTINELS").arg(MASTER_NAME));
+            replicas.len() == 1 && others.len() == 2
+        })
+    }
+
+    /// `redis://127.0.0.1:<port>` of every Sentinel.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(RedisServer::url).collect()
+    }
+
+    /// The port of the primary, as the Sentinels that answer see it (the first one's).
+    pub fn primary_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|sentinel| {
+            let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(MASTER_NAME)
+                .query(&mut sentinel.connection())
+                .ok()?;
+            addr?.1.parse().ok()
+        })
+    }
+}
+
+impl Drop for SentinelGroup {
+    fn drop(&mut self) {
+        self.sentinels.clear(); // stops them
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
