@@ -319,9 +319,10 @@ async fn a_release_wakes_waiters_whichever_nodes_held_the_lock() {
         woke
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    // Undoing its failed attempts must not wake the waiter itself: a few attempts, no storm.
+    // Undoing its failed attempts must not wake the waiter itself: a few attempts (one,
+    // and one after each node's new subscription), no storm (over a thousand before).
     let made = attempts() - before;
-    assert!(made <= 4, "{made} attempts in 700 ms with a 10 s backoff");
+    assert!(made <= 10, "{made} attempts in 700 ms with a 10 s backoff");
     let released_at = Instant::now();
     assert!(holder.release(&key, token).await.unwrap().was_held);
     let woke_after = waiting
