@@ -5,8 +5,8 @@ use std::{fmt, future::Future, sync::Arc, time::Duration};
 use deadpool_redis::{
     Pool, Runtime,
     redis::{
-        Client, Cmd, ErrorKind, FromRedisValue, RedisError, RedisWrite, Script, ScriptInvocation,
-        ServerErrorKind, ToRedisArgs, Value, aio::ConnectionLike,
+        Client, Cmd, ErrorKind, FromRedisValue, RedisError, RedisWrite, Script, ServerErrorKind,
+        ToRedisArgs, Value, aio::ConnectionLike,
     },
 };
 use uuid::Uuid;
@@ -280,6 +280,7 @@ impl RedisBackend {
     /// The Redis key that stores the lock `key`: `<prefix>{<key>}`, where `}` and `%` in
     /// the key are written `%7D` and `%25` so that the braces always hold the whole key
     /// (one Cluster slot for every key of the lock, and no two keys alike).
+    #[cfg(feature = "idempotency")]
     pub(crate) fn redis_key(&self, key: &LockKey) -> String {
         self.key_with_suffix(key, "")
     }
@@ -511,10 +512,12 @@ impl RedisBackend {
         self.connection.reset();
     }
 
-    /// Runs a script on the shared connection within the command timeout.
+    /// Runs a script on the shared connection within the command timeout (for the
+    /// idempotency store; the lock's own calls have dedicated paths).
+    #[cfg(feature = "idempotency")]
     pub(crate) async fn run<T: FromRedisValue>(
         &self,
-        invocation: ScriptInvocation<'static>,
+        invocation: deadpool_redis::redis::ScriptInvocation<'static>,
     ) -> Result<T, BackendError> {
         self.guarded(async {
             let mut conn = self.connection.get().await?;
