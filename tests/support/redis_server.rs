@@ -231,6 +231,20 @@ impl RedisServer {
     }
 
     /// Where the server's log goes while it starts (removed once it answers).
+    /// `--dir <temp> --dbfilename trl-<pid>-<port>.rdb`, except for Sentinels (their
+    /// configuration file decides).
+    fn rdb_args(&self) -> Vec<String> {
+        if self.config_file.is_some() {
+            return Vec::new();
+        }
+        vec![
+            "--dir".into(),
+            std::env::temp_dir().display().to_string(),
+            "--dbfilename".into(),
+            format!("trl-{}-{}.rdb", std::process::id(), self.port),
+        ]
+    }
+
     fn log_path(&self) -> PathBuf {
         std::env::temp_dir().join(format!(
             "trl-redis-{}-{}.log",
@@ -258,6 +272,9 @@ impl RedisServer {
             .args(&self.config_file)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            // An RDB file of its own, outside the repository: a replica writes the one it
+            // syncs, and another server version must never load it at start-up.
+            .args(self.rdb_args())
             .args(&self.extra_args)
             // Only start-up is logged: the file is removed once the server answers.
             .stderr(
