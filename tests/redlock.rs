@@ -304,13 +304,7 @@ async fn a_release_wakes_waiters_whichever_nodes_held_the_lock() {
     let locker = Locker::new(redlock.instance())
         .max_wait(Duration::from_secs(30))
         .backoff(Duration::from_secs(10), Duration::from_secs(10));
-    let attempts = || -> u64 {
-        let info: String = redlock.servers[1].query(cmd("INFO").arg("commandstats"));
-        info.lines()
-            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
-            .and_then(|rest| rest.split(',').next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let attempts = || redlock.servers[1].command_calls("evalsha");
     let before = attempts();
     let waiting = tokio::spawn(async move {
         let lock = locker.lock("order:quiet").await.unwrap();

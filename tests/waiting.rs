@@ -24,17 +24,6 @@ fn instance(server: &RedisServer) -> RedisBackend {
         .notify_with(client)
 }
 
-/// Calls of one command since the server started, from `INFO commandstats`.
-fn calls(server: &RedisServer, command: &str) -> u64 {
-    let info: String = server.query(cmd("INFO").arg("commandstats"));
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|calls| calls.parse().ok())
-        .unwrap_or(0)
-}
-
 fn subscribers(server: &RedisServer, channel: &str) -> i64 {
     let reply: (String, i64) = server.query(cmd("PUBSUB").arg("NUMSUB").arg(channel));
     reply.1
@@ -70,11 +59,11 @@ async fn a_release_wakes_a_waiter_of_another_instance() {
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let released_at = Instant::now();
-    let published = calls(&server, "publish");
+    let published = server.command_calls("publish");
     let released = holder.release(&key, token).await.unwrap();
     assert!(released.was_held);
     assert_eq!(
-        calls(&server, "publish") - published,
+        server.command_calls("publish") - published,
         1,
         "the release did not tell the waiter"
     );
@@ -148,7 +137,7 @@ async fn local_waiters_line_up_and_only_the_first_asks_redis() {
     let locker = Locker::new(instance(&server))
         .max_wait(Duration::from_secs(30))
         .max_hand_offs(100);
-    let before = calls(&server, "evalsha");
+    let before = server.command_calls("evalsha");
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
     for i in 0..50 {
@@ -162,7 +151,7 @@ async fn local_waiters_line_up_and_only_the_first_asks_redis() {
         tokio::time::sleep(Duration::from_millis(5)).await; // a known arrival order
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let asked_while_waiting = calls(&server, "evalsha") - before;
+    let asked_while_waiting = server.command_calls("evalsha") - before;
     // One waiter polling with the default backoff (≤ 250 ms) asks a dozen times in 1.75 s;
     // fifty would ask hundreds of times.
     assert!(
@@ -295,15 +284,6 @@ async fn cancelled_waiters_never_get_the_lock() {
     );
 }
 
-/// `INFO stats` field `name`.
-fn stat(server: &RedisServer, name: &str) -> u64 {
-    let info: String = server.query(cmd("INFO").arg("stats"));
-    let prefix = format!("{name}:");
-    info.lines()
-        .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Issue 11, finding 4. A Redis 7 ACL user without channel permissions (`resetchannels`,
 /// the default for new users) gets NOPERM from `PUBLISH` inside the release script, after
 /// its `DEL` ran, and from every `SUBSCRIBE`. A release whose `DEL` ran is a release (one
@@ -333,7 +313,8 @@ async fn a_user_without_channel_permissions_still_locks_cleanly() {
     // Warm up: connections made, scripts loaded.
     locker.lock("warm-up").await.unwrap().release().await;
 
-    let (scripts_before, sets_before) = (calls(&server, "evalsha"), calls(&server, "set"));
+    let (scripts_before, sets_before) =
+        (server.command_calls("evalsha"), server.command_calls("set"));
     for i in 0..10 {
         let lock = locker.lock(format!("order:{i}")).await.unwrap();
         assert!(!lock.is_lost());
@@ -342,8 +323,8 @@ async fn a_user_without_channel_permissions_still_locks_cleanly() {
     tokio::time::sleep(Duration::from_millis(300)).await; // background retries, if any
     assert_eq!(
         (
-            calls(&server, "set") - sets_before,
-            calls(&server, "evalsha") - scripts_before
+            server.command_calls("set") - sets_before,
+            server.command_calls("evalsha") - scripts_before
         ),
         (10, 10),
         "one acquire (a plain SET NX) and one release script per lock, no retried releases"
@@ -352,7 +333,7 @@ async fn a_user_without_channel_permissions_still_locks_cleanly() {
     assert!(keys.is_empty(), "locks left: {keys:?}");
 
     // Twenty contended waits, each of which would subscribe.
-    let connections_before = stat(&server, "total_connections_received");
+    let connections_before = server.stat("total_connections_received");
     for i in 0..20 {
         let key = LockKey::from(format!("busy:{i}"));
         let token = Uuid::new_v4();
@@ -369,7 +350,7 @@ async fn a_user_without_channel_permissions_still_locks_cleanly() {
         assert!(backend.release(&key, token).await.unwrap().was_held);
         assert!(waiter.await.unwrap().is_ok());
     }
-    let opened = stat(&server, "total_connections_received") - connections_before;
+    let opened = server.stat("total_connections_received") - connections_before;
     assert!(opened <= 3, "{opened} connections for 20 waits");
 }
 

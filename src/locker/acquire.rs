@@ -341,12 +341,14 @@ mod line_tests {
         line::Line,
     };
 
-    /// The in-process backend, counting the calls that reach it.
+    /// The in-process backend, counting the calls that reach it; each acquire attempt
+    /// takes `acquire_delay` (zero by default).
     #[derive(Clone, Default)]
     struct Counting {
         inner: InMemoryBackend,
         acquires: Arc<AtomicUsize>,
         releases: Arc<AtomicUsize>,
+        acquire_delay: Duration,
     }
 
     impl LockBackend for Counting {
@@ -356,6 +358,9 @@ mod line_tests {
             token: Uuid,
             ttl: Duration,
         ) -> Result<Acquire, BackendError> {
+            if !self.acquire_delay.is_zero() {
+                tokio::time::sleep(self.acquire_delay).await;
+            }
             self.acquires.fetch_add(1, Ordering::SeqCst);
             self.inner.try_acquire(key, token, ttl).await
         }
@@ -517,61 +522,16 @@ mod line_tests {
         assert_eq!(queues.busy_keys(), 0);
         assert_eq!(backend.inner.held_count(), 0);
     }
-}
-
-#[cfg(test)]
-mod bound_tests {
-    //! A request is answered at most `max_wait` plus one backend operation after it asks.
-    use std::{
-        sync::atomic::{AtomicUsize, Ordering},
-        time::Duration,
-    };
-
-    use uuid::Uuid;
-
-    use super::*;
-    use crate::{
-        backend::{InMemoryBackend, Released},
-        line::Line,
-    };
-
-    /// The in-process backend, one second per acquire attempt.
-    #[derive(Clone, Default)]
-    struct Slow {
-        inner: InMemoryBackend,
-        acquires: Arc<AtomicUsize>,
-    }
-
-    impl LockBackend for Slow {
-        async fn try_acquire(
-            &self,
-            key: &LockKey,
-            token: Uuid,
-            ttl: Duration,
-        ) -> Result<Acquire, BackendError> {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            self.acquires.fetch_add(1, Ordering::SeqCst);
-            self.inner.try_acquire(key, token, ttl).await
-        }
-        async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
-            self.inner.release(key, token).await
-        }
-        async fn extend(
-            &self,
-            key: &LockKey,
-            token: Uuid,
-            ttl: Duration,
-        ) -> Result<bool, BackendError> {
-            self.inner.extend(key, token, ttl).await
-        }
-    }
 
     /// A hand-off whose take-over finds the lock taken by someone else (its lease ran out
     /// on the way): the waiter answers "contended" after that one call, instead of asking
     /// again past its deadline.
     #[tokio::test(start_paused = true)]
     async fn a_failed_take_over_makes_no_call_past_the_deadline() {
-        let backend = Slow::default();
+        let backend = Counting {
+            acquire_delay: Duration::from_secs(1),
+            ..Counting::default()
+        };
         let line = Line::new(8);
         let key = LockKey::from("k");
         let policy = WaitPolicy {

@@ -230,7 +230,26 @@ impl RedisServer {
             .expect("redis command")
     }
 
-    /// Where the server's log goes while it starts (removed once it answers).
+    /// Calls of `command` since the server started, from `INFO commandstats` (calls made
+    /// inside scripts included).
+    pub fn command_calls(&self, command: &str) -> u64 {
+        let info: String = self.query(redis::cmd("INFO").arg("commandstats"));
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The field `name` of `INFO stats` (`total_connections_received`, say).
+    pub fn stat(&self, name: &str) -> u64 {
+        let info: String = self.query(redis::cmd("INFO").arg("stats"));
+        let prefix = format!("{name}:");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// `--dir <temp> --dbfilename trl-<pid>-<port>.rdb`, except for Sentinels (their
     /// configuration file decides).
     fn rdb_args(&self) -> Vec<String> {
@@ -245,6 +264,7 @@ impl RedisServer {
         ]
     }
 
+    /// Where the server's log goes while it starts (removed once it answers).
     fn log_path(&self) -> PathBuf {
         std::env::temp_dir().join(format!(
             "trl-redis-{}-{}.log",
