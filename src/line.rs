@@ -83,13 +83,11 @@ impl<T> Turn<T> {
     }
 
     /// The lock was acquired from the backend: the key stays busy here, now under its
-    /// holder's guard, and the hand-off count starts again.
+    /// holder's guard. No look-up: the hand-off count is already 0, as a turn is only
+    /// made for a new line or by `pass_turn`, which resets it, and nobody here holds the
+    /// lock (so nobody hands it off) while a turn is out.
     pub(crate) fn used(mut self) {
-        if let Some(queues) = self.queues.take()
-            && let Some(queue) = queues.keys().get_mut(&self.key)
-        {
-            queue.hand_offs = 0;
-        }
+        self.queues = None;
     }
 }
 

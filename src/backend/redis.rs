@@ -481,8 +481,8 @@ impl RedisBackend {
         let mut cmd = self.evalsha(&RELEASE, key, &[":released", ":waiters"]);
         cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
             .arg(if publish { "1" } else { "0" });
-        let reply: (i64, u64, i64) = self.query(&cmd, Some(&RELEASE)).await?;
-        let marked = reply.2 == 1;
+        let reply: u64 = self.query(&cmd, Some(&RELEASE)).await?;
+        let (was_held, marked, receivers) = (reply >= 1, reply >= 2, reply.saturating_sub(2));
         // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
         let ours = marked
             && self
@@ -490,13 +490,13 @@ impl RedisBackend {
                 .as_ref()
                 .is_some_and(|n| n.listens_on(&self.release_channel(key)));
         Ok(Released {
-            was_held: reply.0 == 1,
-            notified: reply.1.saturating_sub(u64::from(ours)),
+            was_held,
+            notified: receivers.saturating_sub(u64::from(ours)),
             // A marked waiter that was not told either polls (notifications off or
             // failing), or is between its refusal and its subscription, after which it
             // retries at once.
             unnotified_waiters: marked
-                && reply.1 == 0
+                && receivers == 0
                 && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
         })
     }

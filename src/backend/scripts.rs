@@ -59,11 +59,15 @@ return {0, pttl}
 /// `KEYS[1]` lock key, `KEYS[2]` release channel, `KEYS[3]` waiter mark, `ARGV[1]` token,
 /// `ARGV[2]` `1` to tell waiters. Deletes the lock only if the token holds it, and the
 /// mark with it (one `DEL`); if there was a mark (another token's: a holder clears its
-/// own when it acquires), publishes on the channel so that waiters wake at once. Returns
-/// `{1, receivers, marked}` when it deleted, `{0, 0, 0}` otherwise: three calls when
-/// nobody waits (`EVALSHA`, `GET`, `DEL`). Undoing a failed Redlock attempt tells nobody
-/// and leaves the mark: nobody waited for that grant, and the waiter undoing it would wake
-/// itself.
+/// own when it acquires), publishes on the channel so that waiters wake at once. Three
+/// calls when nobody waits (`EVALSHA`, `GET`, `DEL`). Undoing a failed Redlock attempt
+/// tells nobody and leaves the mark: nobody waited for that grant, and the waiter undoing
+/// it would wake itself.
+///
+/// Returns one integer (a table would cost the client an array to parse on every
+/// release): `0` when the token did not hold the lock, `1` when it did and nobody had
+/// marked, `2 + receivers` when a mark was there and the release was published to
+/// `receivers` subscribers.
 ///
 /// The publish is best effort (`pcall`): a user without permission on the channel (a
 /// Redis 7 ACL user with `resetchannels`, the default) gets NOPERM from it after the
@@ -72,20 +76,20 @@ pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return {0, 0, 0}
+  return 0
 end
 if ARGV[2] ~= '1' then
   redis.call('DEL', KEYS[1])
-  return {1, 0, 0}
+  return 1
 end
 if redis.call('DEL', KEYS[1], KEYS[3]) == 1 then
-  return {1, 0, 0}
+  return 1
 end
 local receivers = redis.pcall('PUBLISH', KEYS[2], '')
 if type(receivers) ~= 'number' then
   receivers = 0
 end
-return {1, receivers, 1}
+return 2 + receivers
 "#,
     )
 });
