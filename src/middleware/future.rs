@@ -27,8 +27,10 @@ use crate::{
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The wait for the lock, handing back the locker it ran on.
-pub(crate) type Acquisition<Backend> =
-    BoxFuture<(Locker<Backend>, Result<Acquired<Backend>, LockRejection>)>;
+pub(crate) type Acquisition<Backend> = BoxFuture<(
+    Arc<Locker<Backend>>,
+    Result<Acquired<Backend>, LockRejection>,
+)>;
 
 pin_project! {
     /// Response future of [`Lock`](super::Lock).
@@ -44,7 +46,9 @@ pin_project! {
         state: State<S, Backend, ReqBody>,
         settings: Arc<LayerSettings>,
         span: tracing::Span,
-        started: Instant,
+        // When the wait began, for the span's `wait_ms`; only read (so only taken) when
+        // the span is enabled.
+        started: Option<Instant>,
     }
 }
 
@@ -65,7 +69,7 @@ pin_project! {
         Calling {
             #[pin]
             future: S::Future,
-            locker: Locker<Backend>,
+            locker: Arc<Locker<Backend>>,
             guard: Option<LockGuard<Backend>>,
             // `None` once it reported the loss (under `Signal`, the handler goes on).
             watchdog: Option<Watchdog<Backend>>,
@@ -76,7 +80,7 @@ pin_project! {
         Releasing {
             release: BoxFuture<ReleaseOutcome>,
             output: Option<Result<S::Response, S::Error>>,
-            locker: Locker<Backend>,
+            locker: Arc<Locker<Backend>>,
             held: Held,
             // The lease deadline had passed when the handler finished.
             ran_out: bool,
@@ -129,11 +133,12 @@ where
         settings: Arc<LayerSettings>,
         span: tracing::Span,
     ) -> Self {
+        let started = (!span.is_disabled()).then(Instant::now);
         Self {
             state,
             settings,
             span,
-            started: Instant::now(),
+            started,
         }
     }
 }
@@ -159,8 +164,10 @@ where
                     let (locker, outcome) = ready!(acquire.as_mut().poll(cx));
                     let mut service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
-                    this.span
-                        .record("wait_ms", this.started.elapsed().as_secs_f64() * 1e3);
+                    if let Some(started) = this.started {
+                        this.span
+                            .record("wait_ms", started.elapsed().as_secs_f64() * 1e3);
+                    }
                     let next = match outcome {
                         Ok(Acquired { guard, held }) => {
                             this.span.record("outcome", Outcome::Acquired.as_str());

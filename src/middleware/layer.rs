@@ -317,7 +317,7 @@ impl<S, Backend: LockBackend, K: Clone> Layer<S> for LockLayer<Backend, K> {
     fn layer(&self, inner: S) -> Self::Service {
         Lock::new(
             inner,
-            self.locker.clone(),
+            Arc::new(self.locker.clone()),
             self.make_key.clone(),
             self.settings.clone(),
         )

@@ -20,7 +20,8 @@ use crate::{
 /// see its docs.
 pub struct Lock<S, Backend: LockBackend, K> {
     inner: S,
-    locker: Locker<Backend>,
+    /// Shared: a request clones one `Arc`, not the locker's handles one by one.
+    locker: Arc<Locker<Backend>>,
     make_key: K,
     settings: Arc<LayerSettings>,
 }
@@ -28,7 +29,7 @@ pub struct Lock<S, Backend: LockBackend, K> {
 impl<S, Backend: LockBackend, K> Lock<S, Backend, K> {
     pub(crate) fn new(
         inner: S,
-        locker: Locker<Backend>,
+        locker: Arc<Locker<Backend>>,
         make_key: K,
         settings: Arc<LayerSettings>,
     ) -> Self {
