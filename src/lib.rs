@@ -116,7 +116,7 @@ mod rejection;
 mod extract;
 
 pub use crate::{
-    backend::{BackendError, InMemoryBackend, LockBackend},
+    backend::{BackendError, FairBackend, InMemoryBackend, LockBackend},
     held::Held,
     key::{HeaderKey, LockKey, MakeLockKey, QueryKey},
     locker::{Locker, OwnedLock},

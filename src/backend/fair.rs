@@ -58,6 +58,17 @@ impl FairBackend for super::RedisBackend {
     }
 }
 
+/// Whether `backend` is in fair mode (see [`FairBackend`]): then its waiters queue.
+pub(crate) fn is_fair<B: LockBackend>(backend: &B) -> bool {
+    let any: &dyn std::any::Any = backend;
+    #[cfg(feature = "redis")]
+    if let Some(redis) = any.downcast_ref::<super::RedisBackend>() {
+        return redis.is_fair();
+    }
+    any.downcast_ref::<super::InMemoryBackend>()
+        .is_some_and(|memory| memory.is_fair())
+}
+
 /// One attempt in fair mode: the lock, or a place in line kept (or taken) until
 /// `entry_for` from now. A refusal comes with the server's time when the backend tells
 /// it, for [`wait_for_grant`].

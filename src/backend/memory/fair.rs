@@ -37,6 +37,10 @@ impl InMemoryBackend {
         self
     }
 
+    pub(in crate::backend) fn is_fair(&self) -> bool {
+        self.fair
+    }
+
     /// How many waiters stand in fair lines now, expired entries not counted (always 0
     /// outside fair mode): a line that empties leaves nothing behind.
     pub fn queued_count(&self) -> usize {

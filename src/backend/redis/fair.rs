@@ -26,6 +26,10 @@ impl RedisBackend {
         self
     }
 
+    pub(in crate::backend) fn is_fair(&self) -> bool {
+        self.config.fair
+    }
+
     /// One fair attempt (`FAIR_ACQUIRE`): the lock, or a place in line until `entry_for`
     /// from now, with the server's time of the refusal.
     pub(crate) async fn fair_attempt(
