@@ -86,7 +86,9 @@ impl Mode {
             "notify" => Ok(Mode::Notify),
             "local" => Ok(Mode::Local),
             "fair" => Ok(Mode::Fair),
-            other => Err(format!("unknown mode {other}: polling, notify, local or fair")),
+            other => Err(format!(
+                "unknown mode {other}: polling, notify, local or fair"
+            )),
         }
     }
 

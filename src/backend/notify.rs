@@ -23,11 +23,11 @@ use deadpool_redis::redis::{
     aio::{PubSubSink, PubSubStream},
 };
 use futures_core::Stream;
-use uuid::Uuid;
 use tokio::{
     sync::Notify,
     time::{Instant, MissedTickBehavior},
 };
+use uuid::Uuid;
 
 /// How long a channel stays subscribed without waiters.
 const LINGER: Duration = Duration::from_secs(2);

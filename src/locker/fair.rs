@@ -63,8 +63,8 @@ pub(super) async fn from_line<B: LockBackend>(
                 (None, None)
             }
         };
-        let pause = check_after(&policy, remaining)
-            .min(deadline.saturating_duration_since(Instant::now()));
+        let pause =
+            check_after(&policy, remaining).min(deadline.saturating_duration_since(Instant::now()));
         // Boxed, as in `acquire`: the wait may subscribe and connect.
         let granted = Box::pin(fair::wait_for_grant(
             guard.backend(),

@@ -25,7 +25,8 @@ use deadpool_redis::{Pool, Runtime, Timeouts, redis::AsyncCommands};
 use serde::Deserialize;
 use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer};
 use tower_redis_lock::{
-    FairBackend, Held, InMemoryBackend, LockBackend, LockLayer, PathKey, RedisBackend, RedlockBackend,
+    FairBackend, Held, InMemoryBackend, LockBackend, LockLayer, PathKey, RedisBackend,
+    RedlockBackend,
 };
 
 pub use self::redis_server::RedisServer;
