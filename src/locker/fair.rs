@@ -111,3 +111,70 @@ fn acquired<B: LockBackend>(
     guard.acquired(&held, queue);
     Acquired { guard, held }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        backend::{FairBackend, InMemoryBackend},
+        key::LockKey,
+        line::Line,
+        locker::acquire::{Backoff, acquire},
+    };
+
+    fn policy() -> WaitPolicy {
+        WaitPolicy {
+            ttl: Duration::from_secs(10),
+            max_wait: Duration::from_secs(60),
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_millis(250),
+            },
+            renews: true,
+        }
+    }
+
+    /// Two processes (two local lines) on one fair backend. Process P is granted the lock
+    /// with one more request already waiting in its line: that one gets it by hand-off,
+    /// but a request of P that comes later queues behind process Q's, which was in the
+    /// backend's line first.
+    #[tokio::test(start_paused = true)]
+    async fn hand_offs_go_only_to_those_waiting_when_the_grant_came() {
+        let backend = InMemoryBackend::new().with_fairness(true);
+        let key = LockKey::from("hot");
+        let (p, q) = (Line::new(8), Line::new(8));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let holder = acquire(backend.clone(), key.clone(), policy(), None)
+            .await
+            .unwrap();
+        let request = |name: &'static str, line: &Arc<LockLine<InMemoryBackend>>| {
+            let (backend, key, line, order) =
+                (backend.clone(), key.clone(), line.clone(), order.clone());
+            tokio::spawn(async move {
+                let acquired = acquire(backend, key, policy(), Some(line)).await.unwrap();
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                acquired.guard.release(Duration::from_secs(1)).await;
+            })
+        };
+        let p1 = request("p1", &p); // P's entry in the backend's line
+        tokio::task::yield_now().await;
+        let p2 = request("p2", &p); // waits in P's local line
+        tokio::task::yield_now().await;
+        let q1 = request("q1", &q); // Q's entry, behind P's
+        tokio::task::yield_now().await;
+        assert_eq!(backend.queued_count(), 2);
+        holder.guard.release(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_millis(15)).await; // p1 holds, p2 is next
+        let p3 = request("p3", &p); // came after the grant
+        for task in [p1, p2, q1, p3] {
+            task.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["p1", "p2", "q1", "p3"]);
+        assert_eq!(backend.queued_count(), 0);
+        assert_eq!(backend.held_count(), 0);
+        assert_eq!(p.busy_keys() + q.busy_keys(), 0);
+    }
+}
