@@ -119,27 +119,37 @@ macro_rules! fair_prelude {
     () => {
         r#"
 local lock, fence, queue, timeouts, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now = nil
+local function clock()
+  if not now then
+    local time = redis.call('TIME')
+    now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  end
+  return now
+end
 local function grant_next(fencing, caller)
+  local popped = false
   while true do
     local entry = redis.call('LPOP', queue)
     if not entry then
-      redis.call('DEL', timeouts)
+      if popped then
+        redis.call('DEL', timeouts)
+      end
       return nil
     end
+    popped = true
     local sep = string.find(entry, ':', 1, true)
     local waiter, lease = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
     local deadline = tonumber(redis.call('ZSCORE', timeouts, waiter))
     redis.call('ZREM', timeouts, waiter)
-    if deadline and deadline > now then
+    if deadline and deadline > clock() then
       redis.call('SET', lock, waiter, 'PX', lease)
       local fenced = nil
       if fencing then
         fenced = redis.call('INCR', fence)
       end
       if waiter ~= caller then
-        local message = waiter .. ' ' .. now
+        local message = waiter .. ' ' .. clock()
         if fenced then
           message = message .. ' ' .. fenced
         end
@@ -153,7 +163,7 @@ end
     };
 }
 
-/// Fair mode's acquire. `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` queue,
+/// Fair mode's acquire (uncontended: `EXISTS` on the line, then `SET NX PX`). `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` queue,
 /// `KEYS[4]` timeouts, `KEYS[5]` release channel; `ARGV[1]` token, `ARGV[2]` lease in ms,
 /// `ARGV[3]` `1` to take a fencing token, `ARGV[4]` how long the entry stays valid, in ms
 /// (the waiter's remaining wait plus a margin).
@@ -170,6 +180,12 @@ pub(super) static FAIR_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
         fair_prelude!(),
         r#"
 local token, fencing = ARGV[1], ARGV[3] == '1'
+if redis.call('EXISTS', queue) == 0 and redis.call('SET', lock, token, 'NX', 'PX', ARGV[2]) then
+  if fencing then
+    return {1, redis.call('INCR', fence)}
+  end
+  return {1}
+end
 local holder = redis.call('GET', lock)
 if holder == token then
   redis.call('PEXPIRE', lock, ARGV[2])
@@ -198,14 +214,14 @@ local entry_ms = tonumber(ARGV[4])
 if not redis.call('ZSCORE', timeouts, token) then
   redis.call('RPUSH', queue, token .. ':' .. ARGV[2])
 end
-redis.call('ZADD', timeouts, now + entry_ms, token)
+redis.call('ZADD', timeouts, clock() + entry_ms, token)
 if redis.call('PTTL', queue) < entry_ms then
   redis.call('PEXPIRE', queue, entry_ms)
 end
 if redis.call('PTTL', timeouts) < entry_ms then
   redis.call('PEXPIRE', timeouts, entry_ms)
 end
-return {0, redis.call('PTTL', lock), now}
+return {0, redis.call('PTTL', lock), clock()}
 "#
     ))
 });
