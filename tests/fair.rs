@@ -45,6 +45,15 @@ fn keys_of_k(server: &RedisServer) -> Vec<String> {
     server.query(redis::cmd("KEYS").arg("lock:{k}*"))
 }
 
+/// Once the line is empty, no key of it (nor the lock) is left in Redis.
+async fn nothing_left(server: &RedisServer) {
+    assert!(
+        eventually(Duration::from_secs(5), || keys_of_k(server).is_empty()).await,
+        "left in Redis: {:?}",
+        keys_of_k(server)
+    );
+}
+
 async fn queue_reaches(server: &RedisServer, len: usize) {
     assert!(
         eventually(Duration::from_secs(10), || queue_len(server) == len).await,
@@ -77,11 +86,7 @@ async fn three_instances_are_served_in_arrival_order() {
         task.await.unwrap();
     }
     assert_eq!(*order.lock().unwrap(), [0, 1, 2]);
-    assert!(
-        eventually(Duration::from_secs(5), || keys_of_k(&server).is_empty()).await,
-        "left in Redis: {:?}",
-        keys_of_k(&server)
-    );
+    nothing_left(&server).await;
 }
 
 /// Waiters that are dropped, or give up at their deadline, take their entries out of the
@@ -124,11 +129,7 @@ async fn cancelled_waiters_leave_no_entry() {
     for task in [tasks.remove(3), tasks.remove(1)] {
         task.await.unwrap();
     }
-    assert!(
-        eventually(Duration::from_secs(5), || keys_of_k(&server).is_empty()).await,
-        "left in Redis: {:?}",
-        keys_of_k(&server)
-    );
+    nothing_left(&server).await;
 }
 
 /// A grant and a cancellation that cross: the lock is granted to a waiter (its message
@@ -165,7 +166,7 @@ async fn a_grant_crossing_a_cancellation_is_passed_on() {
     );
     lock.release().await;
     drop(holder);
-    assert!(eventually(Duration::from_secs(5), || keys_of_k(&server).is_empty()).await);
+    nothing_left(&server).await;
 }
 
 /// A waiter process SIGKILLed while queued: once its entry's deadline (its `max_wait`
@@ -193,7 +194,7 @@ async fn a_killed_waiter_is_skipped_after_its_entry_deadline() {
         "the dead waiter held the line for {delay:?}"
     );
     lock.release().await;
-    assert!(eventually(Duration::from_secs(5), || keys_of_k(&server).is_empty()).await);
+    nothing_left(&server).await;
 }
 
 /// A process that holds a grant and is SIGSTOPped (no renewals, no release) loses the

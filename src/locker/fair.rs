@@ -121,18 +121,14 @@ mod tests {
         backend::{FairBackend, InMemoryBackend},
         key::LockKey,
         line::Line,
-        locker::acquire::{Backoff, acquire},
+        locker::{LockSettings, acquire::acquire},
     };
 
+    /// The defaults, with time enough for every waiter.
     fn policy() -> WaitPolicy {
         WaitPolicy {
-            ttl: Duration::from_secs(10),
             max_wait: Duration::from_secs(60),
-            backoff: Backoff {
-                base: Duration::from_millis(50),
-                max: Duration::from_millis(250),
-            },
-            renews: true,
+            ..LockSettings::default().wait_policy()
         }
     }
 
