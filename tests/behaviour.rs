@@ -757,6 +757,8 @@ behaviour_tests!(redis_tls, if available support::Redis::tls());
 // Fair mode: waiters queue in the backend and take the lock by grant.
 behaviour_tests!(memory_fair, support::Fair(support::Memory::new()));
 behaviour_tests!(redis_fair, support::Fair(support::Redis::notifying()));
+#[cfg(feature = "cluster")]
+behaviour_tests!(cluster_fair, support::Fair(support::Cluster::spawn()));
 
 mod fencing {
     use super::*;
