@@ -37,6 +37,21 @@ mod sealed {
 /// a majority (every waiter would then give up and try again, which is the unfair race
 /// fair mode is meant to end).
 ///
+/// ```
+/// use tower_redis_lock::{InMemoryBackend, Locker};
+///
+/// let locker = Locker::new(InMemoryBackend::new()).fair(true);
+/// # let _ = locker;
+/// ```
+///
+/// ```compile_fail
+/// use tower_redis_lock::{Locker, RedlockBackend};
+///
+/// fn fair(locker: Locker<RedlockBackend>) -> Locker<RedlockBackend> {
+///     locker.fair(true) // error: `RedlockBackend` is not a `FairBackend`
+/// }
+/// ```
+///
 /// The trait is sealed: its one method is the crate's plumbing.
 pub trait FairBackend: LockBackend + sealed::Sealed {
     /// This backend with fair mode on or off: its releases then grant the lock to the
