@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench --bench hot_key_bench -- --workers 64 --keys 1 --hold-ms 1 \
-//!     --requests 3000 [--processes 2] [--mode polling,notify,local] [--redis-url URL] [--http]
+//!     --requests 3000 [--processes 2] [--mode polling,notify,local,fair] [--redis-url URL] [--http]
 //! ```
 //!
 //! Without `--redis-url` it starts its own `redis-server` on a free port and stops it at
@@ -12,8 +12,9 @@
 //! work is shared by P copies of this program, each with `--workers` workers.
 //!
 //! Modes: `polling` waits on the backoff alone (the core's behaviour, the baseline),
-//! `notify` adds release notifications, `local` adds the local line and hand-offs. One
-//! JSON line per mode:
+//! `notify` adds release notifications, `local` adds the local line and hand-offs, `fair`
+//! is `local` in fair mode (`Locker::fair`: a line in Redis, grants on release). One JSON
+//! line per mode:
 //!
 //! - `ideal_ops_per_s` = min(workers·processes, keys) × 1000 / mean hold (measured inside
 //!   the critical sections), and `pct_of_ideal` the share of it reached;
@@ -75,6 +76,7 @@ enum Mode {
     Polling,
     Notify,
     Local,
+    Fair,
 }
 
 impl Mode {
@@ -83,7 +85,10 @@ impl Mode {
             "polling" => Ok(Mode::Polling),
             "notify" => Ok(Mode::Notify),
             "local" => Ok(Mode::Local),
-            other => Err(format!("unknown mode {other}: polling, notify or local")),
+            "fair" => Ok(Mode::Fair),
+            other => Err(format!(
+                "unknown mode {other}: polling, notify, local or fair"
+            )),
         }
     }
 
@@ -92,12 +97,13 @@ impl Mode {
             Mode::Polling => "polling",
             Mode::Notify => "notify",
             Mode::Local => "local",
+            Mode::Fair => "fair",
         }
     }
 }
 
 const USAGE: &str = "usage: hot_key_bench --workers W --keys K --hold-ms D --requests N \
-    [--processes P] [--mode polling,notify,local] [--redis-url URL] [--http]";
+    [--processes P] [--mode polling,notify,local,fair] [--redis-url URL] [--http]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -214,7 +220,7 @@ fn backend(url: &str, mode: Mode, workers: usize) -> RedisBackend {
     let backend = RedisBackend::new(pool);
     match mode {
         Mode::Polling => backend,
-        Mode::Notify | Mode::Local => {
+        Mode::Notify | Mode::Local | Mode::Fair => {
             backend.notify_with(redis::Client::open(url).expect("redis url"))
         }
     }
@@ -226,6 +232,7 @@ fn locker(args: &Args, mode: Mode) -> Locker<RedisBackend> {
     match mode {
         Mode::Polling | Mode::Notify => locker.without_local_queue(),
         Mode::Local => locker,
+        Mode::Fair => locker.fair(true),
     }
 }
 
@@ -262,6 +269,7 @@ fn router(args: &Args, mode: Mode, data: Data, sections: Sections) -> Router {
     let layer = match mode {
         Mode::Polling | Mode::Notify => layer.without_local_queue(),
         Mode::Local => layer,
+        Mode::Fair => layer.fair(true),
     };
     let state = HttpState {
         data,
@@ -438,7 +446,10 @@ async fn commandstats(data: &Pool) -> HashMap<String, u64> {
 }
 
 /// Commands a script makes inside Redis (never sent by the lock's clients directly).
-const SCRIPT_INTERNAL: &[&str] = &["set", "get", "del", "pexpire", "pttl", "incr", "publish"];
+const SCRIPT_INTERNAL: &[&str] = &[
+    "set", "get", "del", "pexpire", "pttl", "incr", "publish", // and fair mode's line:
+    "exists", "time", "lpop", "rpush", "lrange", "lrem", "zadd", "zscore", "zrem",
+];
 /// The benchmark's own commands.
 const OWN: &[&str] = &["hget", "hset", "info"];
 

@@ -46,6 +46,7 @@
 //! | a lock taken inside a handler | [`Locker::lock`] → [`OwnedLock`] |
 //! | what happens on contention, missing keys, failures, loss | [`LockRejection`], [`MissingKeyPolicy`], [`BackendErrorPolicy`], [`LossPolicy`] |
 //! | where locks live | [`RedisBackend`] (one server or a Cluster), [`RedlockBackend`] (majority of independent servers), [`InMemoryBackend`] (one process); your own: [`LockBackend`] |
+//! | waiters of all processes served first come, first served | [`Locker::fair`], [`LockLayer::fair`] (backends that implement [`FairBackend`]) |
 //! | safe client retries | [`idempotency::IdempotencyLayer`] |
 //!
 //! # Guarantees and their conditions
@@ -116,7 +117,7 @@ mod rejection;
 mod extract;
 
 pub use crate::{
-    backend::{BackendError, InMemoryBackend, LockBackend},
+    backend::{BackendError, FairBackend, InMemoryBackend, LockBackend},
     held::Held,
     key::{HeaderKey, LockKey, MakeLockKey, QueryKey},
     locker::{Locker, OwnedLock},

@@ -34,6 +34,9 @@ struct KeyLine<T> {
     waiters: VecDeque<Waiter<T>>,
     /// Hand-offs since the lock last came from the backend.
     hand_offs: u32,
+    /// In fair mode, the hand-offs this holding may make: the waiters already in line
+    /// when the lock came from the backend (at most the cap). `None`: the cap.
+    budget: Option<u32>,
 }
 
 struct Waiter<T> {
@@ -83,11 +86,25 @@ impl<T> Turn<T> {
     }
 
     /// The lock was acquired from the backend: the key stays busy here, now under its
-    /// holder's guard. No look-up: the hand-off count is already 0, as a turn is only
-    /// made for a new line or by `pass_turn`, which resets it, and nobody here holds the
-    /// lock (so nobody hands it off) while a turn is out.
+    /// holder's guard. No look-up: the hand-off count is already 0 and the fair budget
+    /// unset, as a turn is only made for a new line or by `pass_turn`, which resets both,
+    /// and nobody here holds the lock (so nobody hands it off) while a turn is out.
     pub(crate) fn used(mut self) {
         self.queues = None;
+    }
+
+    /// As [`used`](Self::used), in fair mode: the lock came from the line in the backend,
+    /// where waiters of other processes stand. It may pass down this process's line only
+    /// to the waiters already queued here (they stood behind this process's entry), up to
+    /// the cap; those who come later queue again in the backend, behind the others.
+    pub(crate) fn used_fairly(mut self) {
+        if let Some(queues) = self.queues.take()
+            && let Some(queue) = queues.keys().get_mut(&self.key)
+        {
+            queue.hand_offs = 0;
+            let waiting = u32::try_from(queue.waiters.len()).unwrap_or(u32::MAX);
+            queue.budget = Some(waiting.min(queues.max_hand_offs));
+        }
     }
 }
 
@@ -182,6 +199,7 @@ impl<T> Line<T> {
                 vacant.insert(KeyLine {
                     waiters: VecDeque::new(),
                     hand_offs: 0,
+                    budget: None,
                 });
                 Entry::Turn(Turn::new(self.clone(), key.clone()))
             }
@@ -209,7 +227,7 @@ impl<T> Line<T> {
         let Some(queue) = keys.get_mut(key) else {
             return Err(offer);
         };
-        if queue.hand_offs >= self.max_hand_offs {
+        if queue.hand_offs >= queue.budget.unwrap_or(self.max_hand_offs) {
             return Err(offer);
         }
         while let Some(waiter) = queue.waiters.pop_front() {
@@ -236,6 +254,7 @@ impl<T> Line<T> {
             return;
         };
         queue.hand_offs = 0;
+        queue.budget = None;
         while let Some(waiter) = queue.waiters.pop_front() {
             let turn = Turn::new(self.clone(), key.clone());
             match waiter.grant.send(Grant::Turn { turn, step_aside }) {

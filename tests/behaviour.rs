@@ -754,6 +754,11 @@ behaviour_tests!(redis_acl, support::Redis::acl());
 behaviour_tests!(redis_password, support::Redis::password());
 #[cfg(feature = "tls")]
 behaviour_tests!(redis_tls, if available support::Redis::tls());
+// Fair mode: waiters queue in the backend and take the lock by grant.
+behaviour_tests!(memory_fair, support::Fair(support::Memory::new()));
+behaviour_tests!(redis_fair, support::Fair(support::Redis::notifying()));
+#[cfg(feature = "cluster")]
+behaviour_tests!(cluster_fair, support::Fair(support::Cluster::spawn()));
 
 mod fencing {
     use super::*;
@@ -763,4 +768,6 @@ mod fencing {
     #[cfg(feature = "cluster")]
     fencing_tests!(cluster, support::Cluster::spawn());
     fencing_tests!(redis_acl, support::Redis::acl());
+    fencing_tests!(memory_fair, support::Fair(support::Memory::new()));
+    fencing_tests!(redis_fair, support::Fair(support::Redis::notifying()));
 }

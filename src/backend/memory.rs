@@ -15,6 +15,8 @@ use super::{Acquire, BackendError, LockBackend, Released};
 use crate::idempotency::MemoryRecords;
 use crate::{key::LockKey, lease::saturating_add};
 
+mod fair;
+
 /// A backend that keeps locks in this process, with the same semantics as Redis: owner
 /// tokens, leases that expire, compare-and-delete release.
 ///
@@ -26,6 +28,10 @@ use crate::{key::LockKey, lease::saturating_add};
 pub struct InMemoryBackend {
     locks: Arc<Mutex<Locks>>,
     fencing: bool,
+    /// Fair mode (see `fair`): releases grant the lock to the next waiter in line.
+    fair: bool,
+    /// Wakes fair waiters on every grant.
+    grants: Arc<fair::Grants>,
     /// Idempotency records (`ResponseStore`).
     #[cfg(feature = "idempotency")]
     pub(crate) records: MemoryRecords,
@@ -36,6 +42,8 @@ struct Locks {
     held: HashMap<LockKey, Lease>,
     /// Last fencing token per key; kept forever, like the Redis counter keys.
     fences: HashMap<LockKey, u64>,
+    /// The fair lines, by key; a key has one only while someone waits in it.
+    lines: HashMap<LockKey, fair::KeyLine>,
     /// Size of `held` after the last sweep of expired leases; sweeping again once the map
     /// has doubled keeps the cost amortised O(1) and memory bounded by the live locks.
     swept_at: usize,
@@ -161,6 +169,9 @@ impl LockBackend for InMemoryBackend {
         key: &LockKey,
         token: Uuid,
     ) -> impl Future<Output = Result<Released, BackendError>> + Send {
+        if self.fair {
+            return ready(Ok(self.fair_release(key, token)));
+        }
         ready(Ok(self.release_now(key, token)))
     }
 

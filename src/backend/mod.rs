@@ -13,6 +13,7 @@ use crate::key::LockKey;
 mod connection;
 #[cfg(feature = "redis")]
 mod environment;
+pub(crate) mod fair;
 mod memory;
 #[cfg(feature = "redis")]
 mod notify;
@@ -24,6 +25,7 @@ mod redlock;
 mod scripts;
 mod wake;
 
+pub use self::fair::FairBackend;
 pub use self::memory::InMemoryBackend;
 pub(crate) use self::wake::{attempt, release_epoch, wait_for_release};
 #[cfg(feature = "redis")]

@@ -11,7 +11,7 @@
 //! release that lands between a failed attempt and the wait is not missed.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::poll_fn,
     pin::pin,
     sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
@@ -27,6 +27,7 @@ use tokio::{
     sync::Notify,
     time::{Instant, MissedTickBehavior},
 };
+use uuid::Uuid;
 
 /// How long a channel stays subscribed without waiters.
 const LINGER: Duration = Duration::from_secs(2);
@@ -93,6 +94,42 @@ struct Channel {
     /// The link this channel is subscribed on, if any.
     subscription: Option<Subscription>,
     idle_since: Instant,
+    /// The last few fair-mode grants heard on the channel (see `redis::fair`), for the
+    /// waiter of this process they name to take.
+    grants: VecDeque<Grant>,
+}
+
+/// A fair-mode grant as published by the release script: the grantee's token, the
+/// server's time of the grant in ms, and the fencing token that came with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub(crate) token: Uuid,
+    pub(crate) server_ms: u64,
+    pub(crate) fencing_token: Option<u64>,
+}
+
+/// How many grants a channel remembers: more than the waiters of one process that can be
+/// granted between two of its polls (one, with the local line), fewer than a memory cost.
+const GRANTS_KEPT: usize = 16;
+
+impl Grant {
+    /// `<token> <server ms> [<fencing token>]`; `None` for anything else (a plain
+    /// release's empty message).
+    fn parse(payload: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut words = text.split(' ');
+        let token = Uuid::try_parse(words.next()?).ok()?;
+        let server_ms = words.next()?.parse().ok()?;
+        let fencing_token = match words.next() {
+            Some(word) => Some(word.parse().ok()?),
+            None => None,
+        };
+        Some(Self {
+            token,
+            server_ms,
+            fencing_token,
+        })
+    }
 }
 
 /// A channel's subscription on the link of generation `generation`.
@@ -186,6 +223,14 @@ impl Notifier {
         self.state().channels.get(channel).map_or(0, |c| c.epoch)
     }
 
+    /// Takes the grant to `token` heard on `channel`, if one was.
+    pub(crate) fn take_grant(&self, channel: &str, token: Uuid) -> Option<Grant> {
+        let mut state = self.state();
+        let grants = &mut state.channels.get_mut(channel)?.grants;
+        let at = grants.iter().position(|grant| grant.token == token)?;
+        grants.remove(at)
+    }
+
     /// [`epoch`](Self::epoch) of the channel `channel` names, which is only built when
     /// some channel is known at all: with none (nobody of this process waits, the common
     /// case), every epoch is 0.
@@ -219,6 +264,7 @@ impl Notifier {
                     waiting: 0,
                     subscription: None,
                     idle_since: now,
+                    grants: VecDeque::new(),
                 });
             if entry.epoch != epoch {
                 return;
@@ -430,6 +476,12 @@ async fn listen(notifier: Weak<Notifier>, stream: PubSubStream, generation: u64)
         match message {
             Some(message) => {
                 if let Some(entry) = state.channels.get_mut(message.get_channel_name()) {
+                    if let Some(grant) = Grant::parse(message.get_payload_bytes()) {
+                        if entry.grants.len() == GRANTS_KEPT {
+                            entry.grants.pop_front();
+                        }
+                        entry.grants.push_back(grant);
+                    }
                     entry.epoch += 1;
                     entry.notify.notify_waiters();
                 }

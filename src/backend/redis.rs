@@ -19,6 +19,8 @@ use super::{
 };
 use crate::key::LockKey;
 
+mod fair;
+
 /// Default namespace of the Redis keys.
 const DEFAULT_PREFIX: &str = "lock:";
 /// Default bound on one operation, pool checkout included. Lock scripts take
@@ -65,6 +67,8 @@ struct Config {
     prefix: Box<str>,
     command_timeout: Duration,
     fencing: bool,
+    /// Fair mode (see `fair`): releases grant the lock to the next waiter in line.
+    fair: bool,
 }
 
 impl RedisBackend {
@@ -81,6 +85,7 @@ impl RedisBackend {
                 prefix: DEFAULT_PREFIX.into(),
                 command_timeout: DEFAULT_COMMAND_TIMEOUT,
                 fencing: false,
+                fair: false,
             }),
         }
     }
@@ -672,6 +677,9 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
+        if self.config.fair {
+            return self.fair_release(key, token).await;
+        }
         self.release_script(key, token, true).await
     }
 

@@ -106,3 +106,163 @@ return 0
 "#,
     )
 });
+
+/// What the fair-mode scripts share (DESIGN §5, fair mode). The line of key `k` is the list
+/// `<prefix>{k}:queue` of `<token>:<lease ms>` entries in arrival order, with each token's
+/// deadline (server time, ms) in the sorted set `<prefix>{k}:timeouts`; both carry an
+/// expiry no earlier than their last entry's deadline, so a line whose waiters all died
+/// still disappears, and both are gone as soon as the line is empty.
+///
+/// `grant_next` gives the free lock to the first entry whose deadline has not passed,
+/// dropping the expired ones in front of it: the lock's value becomes that waiter's token,
+/// with its own lease and (with fencing) a fresh fencing token from the same `INCR` the
+/// acquire script uses, and the grant is published on the release channel as
+/// `<token> <server time ms> [<fencing token>]`, unless the grantee is the caller itself.
+/// Returns the grantee's token and fencing token, or nothing when the line is empty.
+macro_rules! fair_prelude {
+    () => {
+        r#"
+local lock, fence, queue, timeouts, channel = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now = nil
+local function clock()
+  if not now then
+    local time = redis.call('TIME')
+    now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  end
+  return now
+end
+local function grant_next(fencing, caller)
+  local popped = false
+  while true do
+    local entry = redis.call('LPOP', queue)
+    if not entry then
+      if popped then
+        redis.call('DEL', timeouts)
+      end
+      return nil
+    end
+    popped = true
+    local sep = string.find(entry, ':', 1, true)
+    local waiter, lease = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
+    local deadline = tonumber(redis.call('ZSCORE', timeouts, waiter))
+    redis.call('ZREM', timeouts, waiter)
+    if deadline and deadline > clock() then
+      redis.call('SET', lock, waiter, 'PX', lease)
+      local fenced = nil
+      if fencing then
+        fenced = redis.call('INCR', fence)
+      end
+      if waiter ~= caller then
+        local message = waiter .. ' ' .. clock()
+        if fenced then
+          message = message .. ' ' .. fenced
+        end
+        redis.pcall('PUBLISH', channel, message)
+      end
+      return waiter, fenced
+    end
+  end
+end
+"#
+    };
+}
+
+/// Fair mode's acquire (uncontended: `EXISTS` on the line, then `SET NX PX`). `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` queue,
+/// `KEYS[4]` timeouts, `KEYS[5]` release channel; `ARGV[1]` token, `ARGV[2]` lease in ms,
+/// `ARGV[3]` `1` to take a fencing token, `ARGV[4]` how long the entry stays valid, in ms
+/// (the waiter's remaining wait plus a margin).
+///
+/// Returns `{1}` (or `{1, fencing token}`) when the token holds the lock: it was granted
+/// to it (the lease is reset and, with fencing, a new token taken, as the acquire script
+/// does for a token that holds the lock already), or the lock was free and the token is
+/// first in line (or the line empty). A free lock with a live waiter ahead (its holder's
+/// lease ran out without a release) is granted to that waiter first. Otherwise the token
+/// joins the back of the line, or keeps its place, its deadline renewed, and the reply is
+/// `{0, pttl, server time ms}`: a grant published before that time is not this wait's.
+pub(super) static FAIR_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        fair_prelude!(),
+        r#"
+local token, fencing = ARGV[1], ARGV[3] == '1'
+if redis.call('EXISTS', queue) == 0 and redis.call('SET', lock, token, 'NX', 'PX', ARGV[2]) then
+  if fencing then
+    return {1, redis.call('INCR', fence)}
+  end
+  return {1}
+end
+local holder = redis.call('GET', lock)
+if holder == token then
+  redis.call('PEXPIRE', lock, ARGV[2])
+  if fencing then
+    return {1, redis.call('INCR', fence)}
+  end
+  return {1}
+end
+if not holder then
+  local granted, fenced = grant_next(fencing, token)
+  if not granted then
+    redis.call('SET', lock, token, 'PX', ARGV[2])
+    if fencing then
+      return {1, redis.call('INCR', fence)}
+    end
+    return {1}
+  end
+  if granted == token then
+    if fencing then
+      return {1, fenced}
+    end
+    return {1}
+  end
+end
+local entry_ms = tonumber(ARGV[4])
+if not redis.call('ZSCORE', timeouts, token) then
+  redis.call('RPUSH', queue, token .. ':' .. ARGV[2])
+end
+redis.call('ZADD', timeouts, clock() + entry_ms, token)
+if redis.call('PTTL', queue) < entry_ms then
+  redis.call('PEXPIRE', queue, entry_ms)
+end
+if redis.call('PTTL', timeouts) < entry_ms then
+  redis.call('PEXPIRE', timeouts, entry_ms)
+end
+return {0, redis.call('PTTL', lock), clock()}
+"#
+    ))
+});
+
+/// Fair mode's release, which is also a waiter's cancellation. `KEYS[1..5]` as for
+/// [`FAIR_ACQUIRE`], `KEYS[6]` the waiter mark; `ARGV[1]` token, `ARGV[2]` `1` with
+/// fencing.
+///
+/// Takes the token's entry out of the line if it has one (a waiter that gave up or was
+/// dropped). Then, if the token holds the lock (a holder's release, or a grant that
+/// crossed the waiter's cancellation), grants it to the next live waiter; with nobody in
+/// line, deletes it and wakes waiters of other modes as [`RELEASE`] does. Returns
+/// `{was held, granted}`.
+pub(super) static FAIR_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        fair_prelude!(),
+        r#"
+local token = ARGV[1]
+if redis.call('ZREM', timeouts, token) == 1 then
+  local prefix = token .. ':'
+  for _, entry in ipairs(redis.call('LRANGE', queue, 0, -1)) do
+    if string.sub(entry, 1, #prefix) == prefix then
+      redis.call('LREM', queue, 1, entry)
+      break
+    end
+  end
+end
+if redis.call('GET', lock) ~= token then
+  return {0, 0}
+end
+if grant_next(ARGV[2] == '1', nil) then
+  return {1, 1}
+end
+if redis.call('DEL', lock, KEYS[6]) == 2 then
+  redis.pcall('PUBLISH', channel, '')
+end
+return {1, 0}
+"#
+    ))
+});

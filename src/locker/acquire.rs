@@ -103,7 +103,11 @@ pub(crate) async fn acquire<B: LockBackend>(
     // On failure the unused turn passes to the next in line as it drops.
     let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
     let acquired = from_backend(guard, policy, deadline, Some(queues)).await?;
-    turn.used();
+    if backend::fair::is_fair(acquired.guard.backend()) {
+        turn.used_fairly();
+    } else {
+        turn.used();
+    }
     Ok(acquired)
 }
 
@@ -119,6 +123,10 @@ async fn from_backend<B: LockBackend>(
     deadline: Instant,
     queue: Option<Arc<LockLine<B>>>,
 ) -> Result<Acquired<B>, AcquireError> {
+    if backend::fair::is_fair(guard.backend()) {
+        // Boxed: only fair lockers carry the fair wait's future.
+        return Box::pin(super::fair::from_line(guard, policy, deadline, queue)).await;
+    }
     // The guard is armed whenever an attempt might have taken the lock without us
     // knowing: if this future is dropped or gives up then, it releases the token in the
     // background. Once an attempt failed without an answer, it may still run on the
@@ -224,7 +232,11 @@ async fn take_over<B: LockBackend>(
             }
             let fresh = LockGuard::disarmed(backend, key, Uuid::new_v4());
             let acquired = from_backend(fresh, policy, deadline, Some(queue)).await?;
-            turn.used();
+            if backend::fair::is_fair(acquired.guard.backend()) {
+                turn.used_fairly();
+            } else {
+                turn.used();
+            }
             Ok(acquired)
         }
         // In doubt: keep trying with the same token until the deadline, and never hand

@@ -9,6 +9,7 @@
 //! - `owned`: [`OwnedLock`], the lock a handler takes itself.
 
 mod acquire;
+mod fair;
 mod guard;
 mod owned;
 mod renewals;
@@ -34,7 +35,7 @@ use self::{
     settings::{DEFAULT_MAX_HAND_OFFS, MIN_TTL, MetricsClass, Renewal},
 };
 use crate::{
-    backend::LockBackend,
+    backend::{FairBackend, LockBackend},
     held::Held,
     key::{LockKey, MakeLockKey},
     line::Line,
@@ -370,6 +371,41 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// processes. Mostly a baseline for benchmarks.
     pub fn without_local_queue(mut self) -> Self {
         self.line = None;
+        self
+    }
+}
+
+/// Fair mode, for the backends that offer it.
+impl<Backend: FairBackend> Locker<Backend> {
+    /// Serves the waiters of all processes first come, first served (off by default).
+    ///
+    /// Without it, the local line is first come, first served within this process, but
+    /// across processes a release starts a race: every notified process tries, one wins,
+    /// and a process can lose many races in a row, so that a request waits far longer
+    /// than its place in line warrants, or gets 409 while later ones get through.
+    ///
+    /// In fair mode the process whose request finds the lock held takes a place in a line
+    /// kept in the backend (on Redis, the list `<prefix>{<key>}:queue` and the sorted set
+    /// `<prefix>{<key>}:timeouts`, in the lock's hash slot; one entry per process and key,
+    /// standing for the head of its local line). A release gives the lock straight to the
+    /// first live entry, in the same script, and tells it on the lock's release channel:
+    /// the grantee holds the lock without another round trip. It then passes the lock
+    /// down its local line to the requests that were already waiting there (at most
+    /// [`max_hand_offs`](Self::max_hand_offs)), and releases to the next process in line.
+    ///
+    /// Entries expire with their waiter's `max_wait` plus 500 ms, so a waiter that died
+    /// holds up nobody once that has passed; a waiter that gives up or is dropped takes
+    /// its entry out (in the background), and passes on a grant that crossed it. A grant
+    /// to a process that died after its last check ends with the lease, like any lock.
+    /// Waiters hear of grants through [release
+    /// notifications](crate::RedisBackend::notify_with); without them each grant is
+    /// found by the grantee's next check, up to a backoff later. All lockers of one key
+    /// should agree: a racing locker's `SET NX` cannot see the line (mutual exclusion
+    /// holds either way). See the README (Fairness) for what it costs.
+    pub fn fair(mut self, on: bool) -> Self {
+        // The mode lives in the backend, which the layers and in-handler locks of this
+        // locker share: its releases grant, and its waiters wait in line.
+        self.backend = self.backend.with_fairness(on);
         self
     }
 }

@@ -8,7 +8,7 @@ use tower_layer::Layer;
 
 use super::service::Lock;
 use crate::{
-    backend::LockBackend,
+    backend::{FairBackend, LockBackend},
     key::{LockKey, MakeLockKey},
     locker::{Locker, Loss},
     policy::{BackendErrorPolicy, LossPolicy, MissingKeyPolicy},
@@ -249,6 +249,15 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
     /// Turns renewal off: see [`Locker::without_renewal`].
     pub fn without_renewal(self) -> Self {
         self.map_locker(Locker::without_renewal)
+    }
+
+    /// Serves waiters of all processes first come, first served: see [`Locker::fair`]
+    /// (off by default). Only for backends that offer it ([`FairBackend`]).
+    pub fn fair(self, on: bool) -> Self
+    where
+        Backend: FairBackend,
+    {
+        self.map_locker(|locker| locker.fair(on))
     }
 
     /// Sets the hand-off cap: see [`Locker::max_hand_offs`] (default 8).

@@ -25,7 +25,8 @@ use deadpool_redis::{Pool, Runtime, Timeouts, redis::AsyncCommands};
 use serde::Deserialize;
 use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer};
 use tower_redis_lock::{
-    Held, InMemoryBackend, LockBackend, LockLayer, PathKey, RedisBackend, RedlockBackend,
+    FairBackend, Held, InMemoryBackend, LockBackend, LockLayer, PathKey, RedisBackend,
+    RedlockBackend,
 };
 
 pub use self::redis_server::RedisServer;
@@ -113,6 +114,18 @@ impl Redis {
         Self {
             server: RedisServer::spawn(),
             client: None,
+            acl_user: None,
+        }
+    }
+
+    /// Backends get release notifications (as `RedisBackend::from_url` gives them), which
+    /// fair mode needs to hear of its grants.
+    pub fn notifying() -> Self {
+        let server = RedisServer::spawn();
+        let client = deadpool_redis::redis::Client::open(server.url()).expect("redis url");
+        Self {
+            server,
+            client: Some(client),
             acl_user: None,
         }
     }
@@ -289,6 +302,34 @@ impl Harness for Redis {
             .server
             .query(deadpool_redis::redis::cmd("KEYS").arg("lock:*"));
         keys.len()
+    }
+}
+
+/// Another harness's backends in fair mode, as `Locker::fair(true)` sets them: every
+/// layer and locker on them waits in the backend's line.
+pub struct Fair<H>(pub H);
+
+impl<H: Harness> Harness for Fair<H>
+where
+    H::Backend: FairBackend,
+{
+    type Backend = H::Backend;
+
+    fn instance(&self) -> H::Backend {
+        self.0.instance().with_fairness(true)
+    }
+
+    fn fenced_instance(&self) -> H::Backend {
+        self.0.fenced_instance().with_fairness(true)
+    }
+
+    fn counter(&self) -> Counter {
+        self.0.counter()
+    }
+
+    /// Locks held, and on Redis any key of a line left behind (`lock:*` covers both).
+    fn held_locks(&self) -> usize {
+        self.0.held_locks()
     }
 }
 

@@ -363,7 +363,8 @@ impl Drop for RedisServer {
     }
 }
 
-fn signal(pid: u32, signal: &str) {
+/// Sends `signal` (`STOP`, `CONT`, `KILL`…) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .args([&format!("-{signal}"), &pid.to_string()])
         .status()
