@@ -104,6 +104,7 @@ mod held;
 #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
 pub mod idempotency;
 mod key;
+mod kind;
 mod lease;
 mod line;
 mod locker;
@@ -119,8 +120,9 @@ pub use crate::{
     backend::{BackendError, InMemoryBackend, LockBackend},
     held::Held,
     key::{HeaderKey, LockKey, MakeLockKey, QueryKey},
+    kind::{KindBackend, LockKind, LockMode},
     locker::{Locker, OwnedLock},
-    middleware::{Lock, LockLayer, ResponseFuture},
+    middleware::{Lock, LockLayer, ReadWriteLayer, ReadWriteLock, ResponseFuture},
     policy::{BackendErrorPolicy, LossPolicy, MissingKeyPolicy},
     rejection::{InvalidKey, LockRejection},
 };

@@ -10,6 +10,7 @@
 
 mod acquire;
 mod guard;
+mod kinds;
 mod owned;
 mod renewals;
 mod settings;
@@ -31,7 +32,7 @@ use self::{
     acquire::{Backoff, acquire},
     guard::LockLine,
     renewals::Renewals,
-    settings::{DEFAULT_MAX_HAND_OFFS, MIN_TTL, MetricsClass, Renewal},
+    settings::{DEFAULT_MAX_HAND_OFFS, MIN_TTL, Renewal},
 };
 use crate::{
     backend::LockBackend,
@@ -292,7 +293,7 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// The `class` label of these locks' metrics (default: the key prefix without its
     /// trailing `:`, or `default`). Locks are never labelled by key.
     pub fn metrics_class(mut self, class: impl Into<Arc<str>>) -> Self {
-        self.settings_mut().class = MetricsClass::Named(class.into());
+        self.settings_mut().set_class(class.into());
         self
     }
 
@@ -362,7 +363,10 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// release, or given one backoff when they cannot be told). 0 keeps the line (one
     /// request of this process asks the backend at a time) without hand-offs.
     pub fn max_hand_offs(mut self, max: u32) -> Self {
-        self.line = Some(Line::new(max));
+        // Shared kinds (permits, readers) take no line: each request asks for its share.
+        if !self.takes_shares() {
+            self.line = Some(Line::new(max));
+        }
         self
     }
 

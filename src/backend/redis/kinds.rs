@@ -1,0 +1,173 @@
+//! The shared kinds of lock on one Redis (see `backend::kind_scripts`): permits and
+//! read/write, one script per operation, every key in the lock's hash slot.
+
+use std::time::Duration;
+
+use deadpool_redis::redis::{Cmd, Script};
+use uuid::Uuid;
+
+use super::{RedisBackend, lease_millis};
+use crate::{
+    backend::{
+        Acquire, BackendError, Released,
+        kind_scripts::{
+            PERMIT_ACQUIRE, READ_ACQUIRE, SHARE_EXTEND, SHARE_RELEASE, WRITE_ACQUIRE, WRITE_EXTEND,
+            WRITE_RELEASE,
+        },
+    },
+    key::LockKey,
+    kind::LockKind,
+};
+
+/// How long a refused writer's mark refuses new readers (ms). Each refused attempt of the
+/// writer renews it, and a waiting writer tries again at least every backoff (250 ms by
+/// default) or on a release notification; a writer that gave up stops blocking readers
+/// this long after its last attempt.
+const WRITER_WAITING_MS: u64 = 1000;
+
+impl RedisBackend {
+    /// `EVALSHA <script>` on the lock's keys `<prefix>{<key>}<suffix>`, one per suffix.
+    fn kind_cmd(&self, script: &Script, key: &LockKey, suffixes: &[&'static str]) -> Cmd {
+        let mut cmd = Cmd::new();
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(suffixes.len());
+        for suffix in suffixes {
+            cmd.arg(self.key_arg(key, suffix));
+        }
+        cmd
+    }
+
+    pub(super) async fn acquire_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        if kind == LockKind::Exclusive {
+            return self.attempt(key, token, ttl, false).await;
+        }
+        let mut buffer = Uuid::encode_buffer();
+        let token = &*token.hyphenated().encode_lower(&mut buffer);
+        let lease = lease_millis(ttl);
+        let (script, cmd, fencing): (&'static Script, Cmd, bool) = match kind {
+            LockKind::Exclusive => unreachable!("taken above"),
+            LockKind::Permits(n) => {
+                let mut cmd = self.kind_cmd(&PERMIT_ACQUIRE, key, &[":permits", ":waiters"]);
+                cmd.arg(token).arg(lease).arg(n.get());
+                (&PERMIT_ACQUIRE, cmd, false)
+            }
+            LockKind::Read => {
+                let suffixes = [":writer", ":readers", ":writer_waiting", ":waiters"];
+                let mut cmd = self.kind_cmd(&READ_ACQUIRE, key, &suffixes);
+                cmd.arg(token).arg(lease);
+                (&READ_ACQUIRE, cmd, false)
+            }
+            LockKind::Write => {
+                let suffixes = [
+                    ":writer",
+                    ":readers",
+                    ":writer_waiting",
+                    ":waiters",
+                    ":fence",
+                ];
+                let mut cmd = self.kind_cmd(&WRITE_ACQUIRE, key, &suffixes);
+                let fencing = self.config.fencing;
+                cmd.arg(token)
+                    .arg(lease)
+                    .arg(if fencing { "1" } else { "0" })
+                    .arg(WRITER_WAITING_MS);
+                (&WRITE_ACQUIRE, cmd, fencing)
+            }
+        };
+        let reply: Vec<i64> = self.query(&cmd, Some(script)).await?;
+        match reply.as_slice() {
+            [1] if !fencing => Ok(Acquire::Acquired {
+                fencing_token: None,
+            }),
+            [1, fence] if fencing && *fence > 0 => Ok(Acquire::Acquired {
+                fencing_token: Some(fence.unsigned_abs()),
+            }),
+            [0, wait] => Ok(Acquire::Held {
+                remaining: u64::try_from(*wait)
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .map(Duration::from_millis),
+            }),
+            other => Err(BackendError::Command(
+                format!("unexpected {kind} acquire reply {other:?}").into(),
+            )),
+        }
+    }
+
+    pub(super) async fn release_kind_script(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+    ) -> Result<Released, BackendError> {
+        let mut buffer = Uuid::encode_buffer();
+        let token_text = &*token.hyphenated().encode_lower(&mut buffer);
+        let (script, cmd): (&'static Script, Cmd) = match kind {
+            LockKind::Exclusive => {
+                return crate::backend::LockBackend::release(self, key, token).await;
+            }
+            LockKind::Permits(_) | LockKind::Read => {
+                let set = if kind == LockKind::Read {
+                    ":readers"
+                } else {
+                    ":permits"
+                };
+                let mut cmd = self.kind_cmd(&SHARE_RELEASE, key, &[set, ":released", ":waiters"]);
+                cmd.arg(token_text)
+                    .arg(if kind == LockKind::Read { "1" } else { "0" });
+                (&SHARE_RELEASE, cmd)
+            }
+            LockKind::Write => {
+                let mut cmd =
+                    self.kind_cmd(&WRITE_RELEASE, key, &[":writer", ":released", ":waiters"]);
+                cmd.arg(token_text);
+                (&WRITE_RELEASE, cmd)
+            }
+        };
+        let (held, receivers, marked): (i64, u64, i64) = self.query(&cmd, Some(script)).await?;
+        let marked = marked == 1;
+        // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
+        let ours = marked
+            && self
+                .notifier
+                .as_ref()
+                .is_some_and(|n| n.listens_on(&self.release_channel(key)));
+        Ok(Released {
+            was_held: held == 1,
+            notified: receivers.saturating_sub(u64::from(ours)),
+            unnotified_waiters: marked
+                && receivers == 0
+                && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
+        })
+    }
+
+    pub(super) async fn extend_kind_script(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        let mut buffer = Uuid::encode_buffer();
+        let token_text = &*token.hyphenated().encode_lower(&mut buffer);
+        let (script, suffix): (&'static Script, &'static str) = match kind {
+            LockKind::Exclusive => {
+                return crate::backend::LockBackend::extend(self, key, token, ttl).await;
+            }
+            LockKind::Permits(_) => (&SHARE_EXTEND, ":permits"),
+            LockKind::Read => (&SHARE_EXTEND, ":readers"),
+            LockKind::Write => (&WRITE_EXTEND, ":writer"),
+        };
+        let mut cmd = self.kind_cmd(script, key, &[suffix]);
+        cmd.arg(token_text).arg(lease_millis(ttl));
+        let extended: i64 = self.query(&cmd, Some(script)).await?;
+        Ok(extended == 1)
+    }
+}

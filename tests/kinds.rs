@@ -1,0 +1,388 @@
+//! The kinds of lock beyond the exclusive one (issue 15): permits and read/write, through
+//! two app instances on every backend that takes them, with real spawned Redis servers.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::{Path, State},
+    routing::{get, post},
+};
+use http::StatusCode;
+use support::{Harness, eventually, serve};
+use tower_redis_lock::{
+    Held, KindBackend, LockBackend, LockKey, LockKind, LockLayer, PathKey, backend::Acquire,
+};
+use uuid::Uuid;
+
+/// Short leases, so that the waiter marks (which live a lease and a second) are gone soon
+/// after each test; the watchdog renews them while handlers run.
+const TTL: Duration = Duration::from_secs(2);
+
+/// How many requests are inside now, and the most there ever were.
+#[derive(Clone, Default)]
+struct Inside {
+    now: Arc<AtomicUsize>,
+    max: Arc<AtomicUsize>,
+}
+
+impl Inside {
+    fn enter(&self) -> usize {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        now
+    }
+
+    fn leave(&self) {
+        self.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `POST /exports/{tenant}`: 20 ms of work, at most `permits` at once per tenant.
+fn exports_app<B: LockBackend>(backend: B, permits: u32, inside: Inside) -> Router {
+    async fn export(State(inside): State<Inside>, _lock: Held) -> &'static str {
+        inside.enter();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        inside.leave();
+        "exported"
+    }
+    Router::new()
+        .route("/exports/{tenant}", post(export))
+        .route_layer(
+            LockLayer::new(backend, PathKey::new("tenant"))
+                .key_prefix("export:")
+                .ttl(TTL)
+                .max_wait(Duration::from_millis(500))
+                .permits(permits),
+        )
+        .with_state(inside)
+}
+
+/// Sends `requests` (method, url) at once, each retried on 409 up to 200 times; panics on
+/// any other answer than 200 and 409. Returns how many got 200.
+async fn send_all(requests: Vec<(http::Method, String)>) -> usize {
+    let client = reqwest::Client::new();
+    let ok = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|(method, url)| {
+            let (client, ok) = (client.clone(), ok.clone());
+            tokio::spawn(async move {
+                for _ in 0..200 {
+                    let response = client
+                        .request(method.clone(), &url)
+                        .send()
+                        .await
+                        .expect("request");
+                    match response.status() {
+                        StatusCode::OK => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        StatusCode::CONFLICT => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        other => panic!("{method} {url}: {other}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("client task");
+    }
+    ok.load(Ordering::SeqCst)
+}
+
+/// 64 clients export for one tenant through two instances with 3 permits: never more
+/// than 3 inside at once, more than one at a time (permits, not a lock), all served, and
+/// nothing left in the backend.
+async fn permits_never_exceed_n(harness: &impl Harness) {
+    let inside = Inside::default();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        urls.push(serve(exports_app(harness.instance(), 3, inside.clone())).await);
+    }
+    let requests = (0..64)
+        .map(|i| (http::Method::POST, format!("{}/exports/acme", urls[i % 2])))
+        .collect();
+    assert_eq!(send_all(requests).await, 64, "every export is served");
+    let max = inside.max.load(Ordering::SeqCst);
+    assert!(max <= 3, "{max} exports inside at once with 3 permits");
+    assert!(
+        max >= 2,
+        "exports never overlapped: permits behave as a lock"
+    );
+    assert!(
+        eventually(Duration::from_secs(8), || harness.held_locks() == 0).await,
+        "keys left in the backend: {}",
+        harness.held_locks()
+    );
+}
+
+/// A holder that never releases (crashed) gives its permit back when its lease ends;
+/// until then the permits are all out.
+async fn a_lost_holder_gives_its_permit_back(harness: &impl Harness) {
+    let permits = KindBackend::new(harness.instance(), LockKind::Permits(2.try_into().unwrap()));
+    let key = LockKey::from("export:lost");
+    let lease = Duration::from_millis(400);
+    for _ in 0..2 {
+        let taken = permits.try_acquire(&key, Uuid::new_v4(), lease).await;
+        assert!(matches!(taken, Ok(Acquire::Acquired { .. })), "{taken:?}");
+    }
+    let third = Uuid::new_v4();
+    let refused = permits.try_acquire(&key, third, TTL).await.unwrap();
+    let Acquire::Held {
+        remaining: Some(remaining),
+    } = refused
+    else {
+        panic!("a third permit out of two: {refused:?}");
+    };
+    assert!(remaining <= lease, "{remaining:?}");
+    // Renewing a lease that ended fails; the permit is free again.
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    assert!(matches!(
+        permits.try_acquire(&key, third, TTL).await,
+        Ok(Acquire::Acquired { .. })
+    ));
+    assert!(permits.extend(&key, third, TTL).await.unwrap());
+    let released = permits.release(&key, third).await.unwrap();
+    assert!(released.was_held);
+    assert!(!permits.release(&key, third).await.unwrap().was_held);
+    assert!(eventually(Duration::from_secs(8), || harness.held_locks() == 0).await);
+}
+
+/// Who is inside a document, checked by every handler as it enters.
+#[derive(Clone, Default)]
+struct Doc {
+    readers: Inside,
+    writers: Inside,
+    /// A reader saw a writer inside, or a writer saw anyone else.
+    overlap: Arc<AtomicBool>,
+}
+
+/// `GET /docs/{id}` reads (10 ms), `PUT /docs/{id}` writes (5 ms), behind one
+/// read/write layer (the mode from the method).
+fn docs_app<B: LockBackend>(backend: B, doc: Doc) -> Router {
+    async fn read(State(doc): State<Doc>, Path(_id): Path<String>) -> &'static str {
+        doc.readers.enter();
+        if doc.writers.now.load(Ordering::SeqCst) > 0 {
+            doc.overlap.store(true, Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if doc.writers.now.load(Ordering::SeqCst) > 0 {
+            doc.overlap.store(true, Ordering::SeqCst);
+        }
+        doc.readers.leave();
+        "read"
+    }
+    async fn write(State(doc): State<Doc>, Path(_id): Path<String>) -> &'static str {
+        if doc.writers.enter() > 1 || doc.readers.now.load(Ordering::SeqCst) > 0 {
+            doc.overlap.store(true, Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        if doc.readers.now.load(Ordering::SeqCst) > 0 {
+            doc.overlap.store(true, Ordering::SeqCst);
+        }
+        doc.writers.leave();
+        "written"
+    }
+    Router::new()
+        .route("/docs/{id}", get(read).put(write))
+        .route_layer(
+            LockLayer::new(backend, PathKey::new("id"))
+                .key_prefix("doc:")
+                .ttl(TTL)
+                .max_wait(Duration::from_millis(500))
+                .read_write(),
+        )
+        .with_state(doc)
+}
+
+/// 48 readers and 16 writers of one document through two instances: readers overlap,
+/// nobody is ever inside with a writer, everyone is served, nothing is left behind.
+async fn readers_share_writers_exclude(harness: &impl Harness) {
+    let doc = Doc::default();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        urls.push(serve(docs_app(harness.instance(), doc.clone())).await);
+    }
+    let requests = (0..64)
+        .map(|i| {
+            let method = if i % 4 == 3 {
+                http::Method::PUT
+            } else {
+                http::Method::GET
+            };
+            (method, format!("{}/docs/7", urls[i % 2]))
+        })
+        .collect();
+    assert_eq!(send_all(requests).await, 64, "every request is served");
+    assert!(
+        !doc.overlap.load(Ordering::SeqCst),
+        "someone was inside with a writer"
+    );
+    assert!(
+        doc.readers.max.load(Ordering::SeqCst) >= 2,
+        "readers never overlapped"
+    );
+    assert_eq!(doc.writers.max.load(Ordering::SeqCst), 1);
+    assert!(
+        eventually(Duration::from_secs(8), || harness.held_locks() == 0).await,
+        "keys left in the backend: {}",
+        harness.held_locks()
+    );
+}
+
+/// A writer that waits for the readers inside is served before a reader that came after
+/// it; that reader gets in once the writer is done.
+async fn a_waiting_writer_goes_before_later_readers(harness: &impl Harness) {
+    let readers = KindBackend::new(harness.instance(), LockKind::Read);
+    let writers = KindBackend::new(harness.instance(), LockKind::Write);
+    let key = LockKey::from("doc:queue");
+    let (early, writer, late) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let granted = |answer: &Acquire| matches!(answer, Acquire::Acquired { .. });
+    assert!(granted(
+        &readers.try_acquire(&key, early, TTL).await.unwrap()
+    ));
+    assert!(!granted(
+        &writers.try_acquire(&key, writer, TTL).await.unwrap()
+    ));
+    assert!(
+        !granted(&readers.try_acquire(&key, late, TTL).await.unwrap()),
+        "a reader overtook the waiting writer"
+    );
+    assert!(readers.release(&key, early).await.unwrap().was_held);
+    assert!(granted(
+        &writers.try_acquire(&key, writer, TTL).await.unwrap()
+    ));
+    assert!(
+        !granted(&readers.try_acquire(&key, late, TTL).await.unwrap()),
+        "a reader inside with a writer"
+    );
+    assert!(writers.extend(&key, writer, TTL).await.unwrap());
+    assert!(writers.release(&key, writer).await.unwrap().was_held);
+    assert!(granted(
+        &readers.try_acquire(&key, late, TTL).await.unwrap()
+    ));
+    // A second writer waits for that reader, which renews its share in the meantime.
+    let second = Uuid::new_v4();
+    assert!(!granted(
+        &writers.try_acquire(&key, second, TTL).await.unwrap()
+    ));
+    assert!(readers.extend(&key, late, TTL).await.unwrap());
+    assert!(readers.release(&key, late).await.unwrap().was_held);
+    assert!(granted(
+        &writers.try_acquire(&key, second, TTL).await.unwrap()
+    ));
+    assert!(writers.release(&key, second).await.unwrap().was_held);
+    assert!(eventually(Duration::from_secs(8), || harness.held_locks() == 0).await);
+}
+
+/// A writer's lease ends like a lock's: a crashed writer lets readers in after it.
+async fn a_crashed_writer_lets_readers_in(harness: &impl Harness) {
+    let readers = KindBackend::new(harness.instance(), LockKind::Read);
+    let writers = KindBackend::new(harness.instance(), LockKind::Write);
+    let key = LockKey::from("doc:crash");
+    let lease = Duration::from_millis(300);
+    let writer = Uuid::new_v4();
+    assert!(matches!(
+        writers.try_acquire(&key, writer, lease).await,
+        Ok(Acquire::Acquired { .. })
+    ));
+    let reader = Uuid::new_v4();
+    assert!(matches!(
+        readers.try_acquire(&key, reader, TTL).await,
+        Ok(Acquire::Held { .. })
+    ));
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    assert!(!writers.extend(&key, writer, lease).await.unwrap());
+    assert!(matches!(
+        readers.try_acquire(&key, reader, TTL).await,
+        Ok(Acquire::Acquired { .. })
+    ));
+    assert!(readers.release(&key, reader).await.unwrap().was_held);
+    assert!(eventually(Duration::from_secs(8), || harness.held_locks() == 0).await);
+}
+
+/// Writers with fencing on get growing tokens, from the exclusive lock's counter.
+async fn writers_get_fencing_tokens(harness: &impl Harness) {
+    let writers = KindBackend::new(harness.fenced_instance(), LockKind::Write);
+    let key = LockKey::from("doc:fenced");
+    let mut last = 0;
+    for _ in 0..3 {
+        let token = Uuid::new_v4();
+        let Ok(Acquire::Acquired {
+            fencing_token: Some(fence),
+        }) = writers.try_acquire(&key, token, TTL).await
+        else {
+            panic!("a fenced writer without a token");
+        };
+        assert!(fence > last, "{fence} after {last}");
+        last = fence;
+        writers.release(&key, token).await.unwrap();
+    }
+}
+
+macro_rules! kind_tests {
+    ($backend:ident, $harness:expr) => {
+        mod $backend {
+            use super::support;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn permits_never_exceed_n() {
+                super::permits_never_exceed_n(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_lost_holder_gives_its_permit_back() {
+                super::a_lost_holder_gives_its_permit_back(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn readers_share_writers_exclude() {
+                super::readers_share_writers_exclude(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_waiting_writer_goes_before_later_readers() {
+                super::a_waiting_writer_goes_before_later_readers(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_crashed_writer_lets_readers_in() {
+                super::a_crashed_writer_lets_readers_in(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn writers_get_fencing_tokens() {
+                super::writers_get_fencing_tokens(&$harness).await;
+            }
+        }
+    };
+}
+
+kind_tests!(memory, support::Memory::new());
+kind_tests!(redis, support::Redis::spawn());
+#[cfg(feature = "cluster")]
+kind_tests!(cluster, support::Cluster::spawn());
+// As the README's ACL user: every command of the kinds' scripts is in its rule.
+kind_tests!(redis_acl, support::Redis::acl());
+
+/// Redlock takes exclusive locks only: a permit quorum could hand out up to 2n − 1
+/// permits, so asking for one is refused when the layer is built.
+#[test]
+#[should_panic(expected = "does not take permits(3) locks")]
+fn redlock_refuses_permits() {
+    let redlock = support::Redlock::spawn(3);
+    let backend = redlock.instance();
+    let _ = LockLayer::new(backend, PathKey::new("id")).permits(3);
+}
