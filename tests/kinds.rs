@@ -66,9 +66,10 @@ fn exports_app<B: LockBackend>(backend: B, permits: u32, inside: Inside) -> Rout
         .with_state(inside)
 }
 
-/// Sends `requests` (method, url) at once, each retried on 409 up to 200 times; panics on
-/// any other answer than 200 and 409. Returns how many got 200.
-async fn send_all(requests: Vec<(http::Method, String)>) -> usize {
+/// Sends `requests` (method, url) at once, each `rounds` times in a row, each time retried
+/// on 409 up to 200 times; panics on any other answer than 200 and 409. Returns how many
+/// requests got 200 in every round.
+async fn send_all(requests: Vec<(http::Method, String)>, rounds: usize) -> usize {
     let client = reqwest::Client::new();
     let ok = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = requests
@@ -76,22 +77,30 @@ async fn send_all(requests: Vec<(http::Method, String)>) -> usize {
         .map(|(method, url)| {
             let (client, ok) = (client.clone(), ok.clone());
             tokio::spawn(async move {
-                for _ in 0..200 {
-                    let response = client
-                        .request(method.clone(), &url)
-                        .send()
-                        .await
-                        .expect("request");
-                    match response.status() {
-                        StatusCode::OK => {
-                            ok.fetch_add(1, Ordering::SeqCst);
-                            return;
+                let mut served = 0;
+                'rounds: for _ in 0..rounds {
+                    // A pause between rounds leaves gaps in which others get in.
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
+                    for _ in 0..200 {
+                        let response = client
+                            .request(method.clone(), &url)
+                            .send()
+                            .await
+                            .expect("request");
+                        match response.status() {
+                            StatusCode::OK => {
+                                served += 1;
+                                continue 'rounds;
+                            }
+                            StatusCode::CONFLICT => {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            other => panic!("{method} {url}: {other}"),
                         }
-                        StatusCode::CONFLICT => {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        other => panic!("{method} {url}: {other}"),
                     }
+                }
+                if served == rounds {
+                    ok.fetch_add(1, Ordering::SeqCst);
                 }
             })
         })
@@ -114,7 +123,7 @@ async fn permits_never_exceed_n(harness: &impl Harness) {
     let requests = (0..64)
         .map(|i| (http::Method::POST, format!("{}/exports/acme", urls[i % 2])))
         .collect();
-    assert_eq!(send_all(requests).await, 64, "every export is served");
+    assert_eq!(send_all(requests, 1).await, 64, "every export is served");
     let max = inside.max.load(Ordering::SeqCst);
     assert!(max <= 3, "{max} exports inside at once with 3 permits");
     assert!(
@@ -128,14 +137,15 @@ async fn permits_never_exceed_n(harness: &impl Harness) {
     );
 }
 
-/// A holder that never releases (crashed) gives its permit back when its lease ends;
-/// until then the permits are all out.
+/// A holder that never releases (crashed) gives its permit back when its lease ends,
+/// while another holder's longer lease goes on; until then the permits are all out.
 async fn a_lost_holder_gives_its_permit_back(harness: &impl Harness) {
     let permits = KindBackend::new(harness.instance(), LockKind::Permits(2.try_into().unwrap()));
     let key = LockKey::from("export:lost");
-    let lease = Duration::from_millis(400);
-    for _ in 0..2 {
-        let taken = permits.try_acquire(&key, Uuid::new_v4(), lease).await;
+    let (alive, crashed) = (Uuid::new_v4(), Uuid::new_v4());
+    let short = Duration::from_millis(400);
+    for (token, lease) in [(alive, TTL), (crashed, short)] {
+        let taken = permits.try_acquire(&key, token, lease).await;
         assert!(matches!(taken, Ok(Acquire::Acquired { .. })), "{taken:?}");
     }
     let third = Uuid::new_v4();
@@ -146,16 +156,25 @@ async fn a_lost_holder_gives_its_permit_back(harness: &impl Harness) {
     else {
         panic!("a third permit out of two: {refused:?}");
     };
-    assert!(remaining <= lease, "{remaining:?}");
-    // Renewing a lease that ended fails; the permit is free again.
-    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    assert!(
+        remaining <= short,
+        "{remaining:?}: not the first lease to end"
+    );
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    // The crashed holder's lease ended: its renewal fails, and its permit is free again.
+    assert!(!permits.extend(&key, crashed, TTL).await.unwrap());
     assert!(matches!(
         permits.try_acquire(&key, third, TTL).await,
         Ok(Acquire::Acquired { .. })
     ));
+    assert!(matches!(
+        permits.try_acquire(&key, Uuid::new_v4(), TTL).await,
+        Ok(Acquire::Held { .. })
+    ));
     assert!(permits.extend(&key, third, TTL).await.unwrap());
-    let released = permits.release(&key, third).await.unwrap();
-    assert!(released.was_held);
+    for token in [alive, third] {
+        assert!(permits.release(&key, token).await.unwrap().was_held);
+    }
     assert!(!permits.release(&key, third).await.unwrap().was_held);
     assert!(eventually(Duration::from_secs(8), || harness.held_locks() == 0).await);
 }
@@ -169,7 +188,7 @@ struct Doc {
     overlap: Arc<AtomicBool>,
 }
 
-/// `GET /docs/{id}` reads (10 ms), `PUT /docs/{id}` writes (5 ms), behind one
+/// `GET /docs/{id}` reads (10 ms), `PUT /docs/{id}` writes (15 ms), behind one
 /// read/write layer (the mode from the method).
 fn docs_app<B: LockBackend>(backend: B, doc: Doc) -> Router {
     async fn read(State(doc): State<Doc>, Path(_id): Path<String>) -> &'static str {
@@ -188,7 +207,7 @@ fn docs_app<B: LockBackend>(backend: B, doc: Doc) -> Router {
         if doc.writers.enter() > 1 || doc.readers.now.load(Ordering::SeqCst) > 0 {
             doc.overlap.store(true, Ordering::SeqCst);
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(15)).await;
         if doc.readers.now.load(Ordering::SeqCst) > 0 {
             doc.overlap.store(true, Ordering::SeqCst);
         }
@@ -207,7 +226,8 @@ fn docs_app<B: LockBackend>(backend: B, doc: Doc) -> Router {
         .with_state(doc)
 }
 
-/// 48 readers and 16 writers of one document through two instances: readers overlap,
+/// 48 readers and 16 writers of one document through two instances, four requests each
+/// in a row (so that readers keep coming while writers wait): readers overlap,
 /// nobody is ever inside with a writer, everyone is served, nothing is left behind.
 async fn readers_share_writers_exclude(harness: &impl Harness) {
     let doc = Doc::default();
@@ -225,7 +245,7 @@ async fn readers_share_writers_exclude(harness: &impl Harness) {
             (method, format!("{}/docs/7", urls[i % 2]))
         })
         .collect();
-    assert_eq!(send_all(requests).await, 64, "every request is served");
+    assert_eq!(send_all(requests, 4).await, 64, "every request is served");
     assert!(
         !doc.overlap.load(Ordering::SeqCst),
         "someone was inside with a writer"
