@@ -40,10 +40,12 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
     /// see [`Locker::permits`]. The rest wait, then get 409 (or 423) with `Retry-After`.
     ///
     /// ```
+    /// use http::HeaderName;
     /// use tower_redis_lock::{HeaderKey, InMemoryBackend, LockLayer};
     ///
     /// // At most 3 exports per tenant at once, whatever the number of instances.
-    /// let exports = LockLayer::new(InMemoryBackend::new(), HeaderKey::new("x-tenant"))
+    /// let tenant = HeaderKey::new(HeaderName::from_static("x-tenant"));
+    /// let exports = LockLayer::new(InMemoryBackend::new(), tenant)
     ///     .key_prefix("export:")
     ///     .permits(3);
     /// # let _ = exports;
