@@ -263,24 +263,32 @@ async fn readers_share_writers_exclude(harness: &impl Harness) {
 }
 
 /// A writer that waits for the readers inside is served before a reader that came after
-/// it; that reader gets in once the writer is done.
+/// it (from another process, or from the same one once its read hold is past its joining
+/// window); that reader gets in once the writer is done.
 async fn a_waiting_writer_goes_before_later_readers(harness: &impl Harness) {
+    let first_process = KindBackend::new(harness.instance(), LockKind::Read);
     let readers = KindBackend::new(harness.instance(), LockKind::Read);
     let writers = KindBackend::new(harness.instance(), LockKind::Write);
     let key = LockKey::from("doc:queue");
     let (early, writer, late) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let granted = |answer: &Acquire| matches!(answer, Acquire::Acquired { .. });
-    assert!(granted(
-        &readers.try_acquire(&key, early, TTL).await.unwrap()
-    ));
-    assert!(!granted(
-        &writers.try_acquire(&key, writer, TTL).await.unwrap()
-    ));
+    let taken = first_process.try_acquire(&key, early, TTL).await.unwrap();
+    assert!(granted(&taken));
+    let taken = writers.try_acquire(&key, writer, TTL).await.unwrap();
+    assert!(!granted(&taken));
+    let taken = readers.try_acquire(&key, late, TTL).await.unwrap();
+    assert!(!granted(&taken), "a reader overtook the waiting writer");
+    // In the first reader's process, past the joining window (ttl/200 + 1 ms = 11 ms).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let taken = first_process
+        .try_acquire(&key, Uuid::new_v4(), TTL)
+        .await
+        .unwrap();
     assert!(
-        !granted(&readers.try_acquire(&key, late, TTL).await.unwrap()),
-        "a reader overtook the waiting writer"
+        !granted(&taken),
+        "a reader of the same process overtook the waiting writer past the window"
     );
-    assert!(readers.release(&key, early).await.unwrap().was_held);
+    assert!(first_process.release(&key, early).await.unwrap().was_held);
     assert!(granted(
         &writers.try_acquire(&key, writer, TTL).await.unwrap()
     ));
@@ -304,6 +312,36 @@ async fn a_waiting_writer_goes_before_later_readers(harness: &impl Harness) {
         &writers.try_acquire(&key, second, TTL).await.unwrap()
     ));
     assert!(writers.release(&key, second).await.unwrap().was_held);
+    assert!(eventually(Duration::from_secs(8), || harness.held_locks() == 0).await);
+}
+
+/// Readers of one process that come together share one hold: the hold stays while any
+/// of them reads (a writer elsewhere is refused until the last leaves), and renewing
+/// through any member renews it.
+async fn readers_of_one_process_share_a_hold(harness: &impl Harness) {
+    let readers = KindBackend::new(harness.instance(), LockKind::Read);
+    let writers = KindBackend::new(harness.instance(), LockKind::Write);
+    let key = LockKey::from("doc:group");
+    let (first, second, writer) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let granted = |answer: &Acquire| matches!(answer, Acquire::Acquired { .. });
+    assert!(granted(
+        &readers.try_acquire(&key, first, TTL).await.unwrap()
+    ));
+    assert!(granted(
+        &readers.try_acquire(&key, second, TTL).await.unwrap()
+    ));
+    assert!(readers.release(&key, first).await.unwrap().was_held);
+    assert!(readers.extend(&key, second, TTL).await.unwrap());
+    let taken = writers.try_acquire(&key, writer, TTL).await.unwrap();
+    assert!(
+        !granted(&taken),
+        "a writer in while a reader of the shared hold reads"
+    );
+    assert!(readers.release(&key, second).await.unwrap().was_held);
+    assert!(granted(
+        &writers.try_acquire(&key, writer, TTL).await.unwrap()
+    ));
+    assert!(writers.release(&key, writer).await.unwrap().was_held);
     assert!(eventually(Duration::from_secs(8), || harness.held_locks() == 0).await);
 }
 
@@ -375,6 +413,11 @@ macro_rules! kind_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_waiting_writer_goes_before_later_readers() {
                 super::a_waiting_writer_goes_before_later_readers(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn readers_of_one_process_share_a_hold() {
+                super::readers_of_one_process_share_a_hold(&$harness).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
