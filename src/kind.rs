@@ -42,6 +42,8 @@ pub enum LockKind {
     /// A writer: alone on the key, without readers or other writers; with fencing on, it
     /// gets a fencing token from the same counter the exclusive lock uses.
     Write,
+    /// Several keys at once ([`KeySet`]), each an exclusive lock, taken all or none.
+    Several,
 }
 
 impl LockKind {
@@ -53,6 +55,7 @@ impl LockKind {
             LockKind::Permits(_) => "permits",
             LockKind::Read => "read",
             LockKind::Write => "write",
+            LockKind::Several => "several",
         }
     }
 
@@ -160,8 +163,9 @@ impl<B: LockBackend> KindBackend<B> {
     /// When `inner` does not take holds of `kind` ([`LockBackend::supports`]): Redlock,
     /// for instance, takes only exclusive locks.
     pub fn new(inner: B, kind: LockKind) -> Self {
+        // Every backend takes several keys (one at a time, by default).
         assert!(
-            inner.supports(kind),
+            kind == LockKind::Several || inner.supports(kind),
             "this lock backend does not take {kind} locks (see LockBackend::supports)"
         );
         Self {
@@ -254,19 +258,22 @@ impl<B: LockBackend> LockBackend for KindBackend<B> {
         token: Uuid,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
-        if self.kind == LockKind::Read {
-            return self.read(key, token, ttl).await;
+        match self.kind {
+            LockKind::Read => self.read(key, token, ttl).await,
+            LockKind::Several => {
+                let keys = several(key)?;
+                self.inner.try_acquire_many(&keys, token, ttl).await
+            }
+            kind => self.inner.try_acquire_kind(kind, key, token, ttl).await,
         }
-        self.inner
-            .try_acquire_kind(self.kind, key, token, ttl)
-            .await
     }
 
     async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
-        if self.kind == LockKind::Read {
-            return self.unread(key, token).await;
+        match self.kind {
+            LockKind::Read => self.unread(key, token).await,
+            LockKind::Several => self.inner.release_many(&several(key)?, token).await,
+            kind => self.inner.release_kind(kind, key, token).await,
         }
-        self.inner.release_kind(self.kind, key, token).await
     }
 
     async fn extend(
@@ -276,6 +283,9 @@ impl<B: LockBackend> LockBackend for KindBackend<B> {
         ttl: Duration,
     ) -> Result<bool, BackendError> {
         let hold = match self.kind {
+            LockKind::Several => {
+                return self.inner.extend_many(&several(key)?, token, ttl).await;
+            }
             LockKind::Read => self
                 .groups(|groups| groups.member_of.get(&token).copied())
                 .unwrap_or(token),
@@ -295,6 +305,89 @@ impl<B: LockBackend> LockBackend for KindBackend<B> {
     }
 }
 
+/// The keys of one lock on several keys, as a key function returns them: deduplicated
+/// and sorted (the global order in which a Cluster takes them one at a time), so that
+/// requests for overlapping sets never wait for each other in a cycle.
+///
+/// A layer or locker made with `several_keys()` locks every key of the set, all or
+/// none; it is `Into<LockKey>`, so a key function returns it like any key. Empty keys are
+/// left out; a set with no key is the empty key (400).
+///
+/// ```
+/// use tower_redis_lock::KeySet;
+///
+/// let accounts = KeySet::new(["acct:9", "acct:2", "acct:9"]);
+/// assert_eq!(accounts.keys().len(), 2);
+/// assert_eq!(accounts.keys()[0].as_str(), "acct:2");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeySet(Vec<LockKey>);
+
+/// Starts the set's key: the layer's prefix comes before it, the members after it.
+const SET_MARK: char = '\0';
+
+impl KeySet {
+    /// The set of `keys`, deduplicated and sorted, without empty ones.
+    pub fn new<I, K>(keys: I) -> Self
+    where
+        I: IntoIterator<Item = K>,
+        K: Into<LockKey>,
+    {
+        let mut keys: Vec<LockKey> = keys
+            .into_iter()
+            .map(Into::into)
+            .filter(|key| !key.is_empty())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        Self(keys)
+    }
+
+    /// The keys, in order.
+    pub fn keys(&self) -> &[LockKey] {
+        &self.0
+    }
+}
+
+impl From<KeySet> for LockKey {
+    /// The set as one key: a NUL, then each member as `<length>:<key>`; the locker puts
+    /// its prefix before it and the backend reads the members (each with the prefix)
+    /// back. The empty set gives the empty key.
+    fn from(set: KeySet) -> Self {
+        if set.0.is_empty() {
+            return LockKey::from("");
+        }
+        let mut text = String::from(SET_MARK);
+        for key in &set.0 {
+            text.push_str(&key.len().to_string());
+            text.push(':');
+            text.push_str(key.as_str());
+        }
+        LockKey::from(text)
+    }
+}
+
+/// The members of a set's key (see `From<KeySet> for LockKey`), each with the prefix
+/// found before the set; `None` for a key that is not a set.
+pub(crate) fn set_members(key: &LockKey) -> Option<Vec<LockKey>> {
+    let (prefix, mut rest) = key.as_str().split_once(SET_MARK)?;
+    let mut keys = Vec::new();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        let member = tail.get(..len)?;
+        keys.push(LockKey::from(format!("{prefix}{member}")));
+        rest = &tail[len..];
+    }
+    (!keys.is_empty()).then_some(keys)
+}
+
+/// The keys a several-keys hold takes: the set's members, or the key alone when the key
+/// function gave a plain key.
+fn several(key: &LockKey) -> Result<Vec<LockKey>, BackendError> {
+    Ok(set_members(key).unwrap_or_else(|| vec![key.clone()]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +400,18 @@ mod tests {
         assert_eq!(LockMode::from_method(&Method::PUT), LockMode::Write);
         assert_eq!(LockMode::from_method(&Method::POST), LockMode::Write);
         assert_eq!(LockMode::from_method(&Method::DELETE), LockMode::Write);
+    }
+
+    #[test]
+    fn sets_round_trip_through_their_key() {
+        let set = KeySet::new(["b:2", "a", "", "b:2", "c}\0:9"]);
+        let key = LockKey::from(set.clone()).prefixed("acct:");
+        let members = set_members(&key).unwrap();
+        let expected: Vec<LockKey> = set.keys().iter().map(|key| key.prefixed("acct:")).collect();
+        assert_eq!(members, expected);
+        assert_eq!(members.len(), 3);
+        assert!(set_members(&LockKey::from("plain")).is_none());
+        assert!(LockKey::from(KeySet::new([""])).is_empty());
     }
 
     #[test]

@@ -121,7 +121,7 @@ pub use crate::{
     backend::{BackendError, InMemoryBackend, LockBackend},
     held::Held,
     key::{HeaderKey, LockKey, MakeLockKey, QueryKey},
-    kind::{KindBackend, LockKind, LockMode},
+    kind::{KeySet, KindBackend, LockKind, LockMode},
     locker::{Locker, OwnedLock},
     middleware::{Lock, LockLayer, ReadWriteLayer, ReadWriteLock, ResponseFuture},
     policy::{BackendErrorPolicy, LossPolicy, MissingKeyPolicy},

@@ -19,7 +19,7 @@ use axum::{
 use http::StatusCode;
 use support::{Harness, eventually, serve};
 use tower_redis_lock::{
-    Held, KindBackend, LockBackend, LockKey, LockKind, LockLayer, PathKey, backend::Acquire,
+    Held, KeySet, KindBackend, LockBackend, LockKey, LockKind, LockLayer, PathKey, backend::Acquire,
 };
 use uuid::Uuid;
 
@@ -390,6 +390,158 @@ async fn writers_get_fencing_tokens(harness: &impl Harness) {
     }
 }
 
+/// The accounts of the transfer tests: balances read and written in two steps, and who
+/// is inside each account now.
+#[derive(Clone, Default)]
+struct Bank {
+    balances: Arc<std::sync::Mutex<std::collections::HashMap<u32, i64>>>,
+    inside: Arc<std::sync::Mutex<std::collections::HashSet<u32>>>,
+    overlap: Arc<AtomicBool>,
+}
+
+impl Bank {
+    fn balance(&self, account: u32) -> i64 {
+        self.balances
+            .lock()
+            .unwrap()
+            .get(&account)
+            .copied()
+            .unwrap_or(100)
+    }
+
+    fn set(&self, account: u32, balance: i64) {
+        self.balances.lock().unwrap().insert(account, balance);
+    }
+}
+
+/// `POST /transfers/{from}/{to}`: moves 1 from one account to the other, reading both
+/// balances, working 5 ms, then writing both, under one lock on both accounts.
+fn bank_app<B: LockBackend>(backend: B, bank: Bank) -> Router {
+    async fn transfer(
+        State(bank): State<Bank>,
+        Path((from, to)): Path<(u32, u32)>,
+        lock: Held,
+    ) -> String {
+        for account in [from, to] {
+            if !bank.inside.lock().unwrap().insert(account) {
+                bank.overlap.store(true, Ordering::SeqCst);
+            }
+        }
+        let (a, b) = (bank.balance(from), bank.balance(to));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        bank.set(from, a - 1);
+        bank.set(to, b + 1);
+        for account in [from, to] {
+            bank.inside.lock().unwrap().remove(&account);
+        }
+        format!("{:?}", lock.keys())
+    }
+    Router::new()
+        .route("/transfers/{from}/{to}", post(transfer))
+        .route_layer(
+            LockLayer::from_fn(backend, |parts| {
+                let mut segments = parts.uri.path().split('/').skip(2);
+                let (from, to) = (segments.next()?, segments.next()?);
+                Some(KeySet::new([from.to_owned(), to.to_owned()]))
+            })
+            .key_prefix("acct:")
+            .ttl(TTL)
+            .max_wait(Duration::from_secs(20))
+            .backoff(Duration::from_millis(5), Duration::from_millis(50))
+            .several_keys(),
+        )
+        .with_state(bank)
+}
+
+/// 64 concurrent transfers among 8 accounts through two instances, each locking both of
+/// its accounts (pairs overlap in every order): all finish within the wait (no 409, no
+/// deadlock), money is conserved, and no account ever has two transfers inside.
+async fn transfers_lock_both_accounts(harness: &impl Harness) {
+    let bank = Bank::default();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        urls.push(serve(bank_app(harness.instance(), bank.clone())).await);
+    }
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..64u32)
+        .map(|i| {
+            let from = fastrand::u32(0..8);
+            let to = (from + 1 + fastrand::u32(0..7)) % 8;
+            let url = format!("{}/transfers/{from}/{to}", urls[i as usize % 2]);
+            let client = client.clone();
+            tokio::spawn(async move {
+                let response = client.post(&url).send().await.expect("request");
+                assert_eq!(response.status(), StatusCode::OK, "{url}");
+                let keys = response.text().await.expect("body");
+                assert!(
+                    keys.contains(&format!("acct:{from}")) && keys.contains(&format!("acct:{to}")),
+                    "{keys}"
+                );
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("transfer");
+    }
+    assert!(
+        !bank.overlap.load(Ordering::SeqCst),
+        "two transfers inside one account"
+    );
+    let total: i64 = (0..8).map(|account| bank.balance(account)).sum();
+    assert_eq!(total, 800, "money was created or lost");
+    assert!(
+        eventually(Duration::from_secs(8), || harness.held_locks() == 0).await,
+        "keys left in the backend: {}",
+        harness.held_locks()
+    );
+}
+
+/// A set is taken all or none: with one of its keys held (by an exclusive lock of the
+/// same name), it is refused and holds none of the others; once free, it is taken whole,
+/// renewed and released whole.
+async fn several_keys_are_all_or_none(harness: &impl Harness) {
+    let plain = harness.instance();
+    let sets = KindBackend::new(harness.instance(), LockKind::Several);
+    let set = LockKey::from(KeySet::new(["1", "2", "3"])).to_string();
+    let set = LockKey::from(format!("acct:{set}"));
+    let (holder, token) = (Uuid::new_v4(), Uuid::new_v4());
+    let two = LockKey::from("acct:2");
+    assert!(matches!(
+        plain.try_acquire(&two, holder, TTL).await,
+        Ok(Acquire::Acquired { .. })
+    ));
+    let refused = sets.try_acquire(&set, token, TTL).await;
+    assert!(matches!(refused, Ok(Acquire::Held { .. })), "{refused:?}");
+    let one = LockKey::from("acct:1");
+    let probe = Uuid::new_v4();
+    assert!(
+        matches!(
+            plain.try_acquire(&one, probe, TTL).await,
+            Ok(Acquire::Acquired { .. })
+        ),
+        "a refused set kept one of its keys"
+    );
+    plain.release(&one, probe).await.unwrap();
+    plain.release(&two, holder).await.unwrap();
+    assert!(matches!(
+        sets.try_acquire(&set, token, TTL).await,
+        Ok(Acquire::Acquired { .. })
+    ));
+    for key in ["acct:1", "acct:2", "acct:3"] {
+        let taken = plain
+            .try_acquire(&LockKey::from(key), Uuid::new_v4(), TTL)
+            .await;
+        assert!(
+            matches!(taken, Ok(Acquire::Held { .. })),
+            "{key} is not held: {taken:?}"
+        );
+    }
+    assert!(sets.extend(&set, token, TTL).await.unwrap());
+    assert!(sets.release(&set, token).await.unwrap().was_held);
+    assert!(!sets.release(&set, token).await.unwrap().was_held);
+    assert!(eventually(Duration::from_secs(8), || harness.held_locks() == 0).await);
+}
+
 macro_rules! kind_tests {
     ($backend:ident, $harness:expr) => {
         mod $backend {
@@ -421,6 +573,16 @@ macro_rules! kind_tests {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn transfers_lock_both_accounts() {
+                super::transfers_lock_both_accounts(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn several_keys_are_all_or_none() {
+                super::several_keys_are_all_or_none(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_crashed_writer_lets_readers_in() {
                 super::a_crashed_writer_lets_readers_in(&$harness).await;
             }
@@ -439,6 +601,21 @@ kind_tests!(redis, support::Redis::spawn());
 kind_tests!(cluster, support::Cluster::spawn());
 // As the README's ACL user: every command of the kinds' scripts is in its rule.
 kind_tests!(redis_acl, support::Redis::acl());
+
+/// Redlock takes several keys too (one at a time, each by majority).
+mod redlock {
+    use super::support;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transfers_lock_both_accounts() {
+        super::transfers_lock_both_accounts(&support::Redlock::spawn(3)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_keys_are_all_or_none() {
+        super::several_keys_are_all_or_none(&support::Redlock::spawn(3)).await;
+    }
+}
 
 /// Redlock takes exclusive locks only: a permit quorum could hand out up to 2n − 1
 /// permits, so asking for one is refused when the layer is built.

@@ -243,3 +243,83 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 "#,
     )
 });
+
+/// Several keys, all or none, on one server. `KEYS[1..n]` the locks (`<prefix>{k}`, the
+/// exclusive locks of the keys), `KEYS[n+1..2n]` their waiter marks; `ARGV[1]` token,
+/// `ARGV[2]` lease in ms, `ARGV[3]` `n`.
+///
+/// When every key is free or the token's own, takes (or refreshes) them all and returns
+/// `{1}`; otherwise takes none, marks the first key held by another token and returns
+/// `{0, its PTTL}`.
+pub(super) static MANY_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  local holder = redis.call('GET', KEYS[i])
+  if holder and holder ~= ARGV[1] then
+    local pttl = redis.call('PTTL', KEYS[i])
+    local mark_ms = 60000
+    if pttl > 0 then
+      mark_ms = pttl + 1000
+    end
+    redis.call('SET', KEYS[n + i], ARGV[1], 'PX', mark_ms)
+    return {0, pttl}
+  end
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+  if redis.call('GET', KEYS[n + i]) == ARGV[1] then
+    redis.call('DEL', KEYS[n + i])
+  end
+end
+return {1}
+"#,
+    )
+});
+
+/// Releases several keys. `KEYS[1..n]` the locks, `KEYS[n+1..2n]` their release channels,
+/// `KEYS[2n+1..3n]` their waiter marks; `ARGV[1]` token, `ARGV[2]` `n`. Deletes each lock
+/// the token holds, publishing on its channel when a waiter left a mark. Returns `{1 if
+/// it held them all, receivers, 1 if any was marked}`.
+pub(super) static MANY_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local n = tonumber(ARGV[2])
+local all, receivers, marked = 1, 0, 0
+for i = 1, n do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    if redis.call('DEL', KEYS[2 * n + i]) == 1 then
+      marked = 1
+      local told = redis.pcall('PUBLISH', KEYS[n + i], '')
+      if type(told) == 'number' then
+        receivers = receivers + told
+      end
+    end
+  else
+    all = 0
+  end
+end
+return {all, receivers, marked}
+"#,
+    )
+});
+
+/// Renews several keys. `KEYS` the locks; `ARGV[1]` token, `ARGV[2]` lease in ms. Extends
+/// each the token holds; returns 1 when it held them all.
+pub(super) static MANY_EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local all = 1
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  else
+    all = 0
+  end
+end
+return all
+"#,
+    )
+});

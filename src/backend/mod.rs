@@ -18,6 +18,7 @@ mod kind_scripts;
 mod memory;
 #[cfg(feature = "redis")]
 mod notify;
+mod one_at_a_time;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]
@@ -219,5 +220,44 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
                 other => Err(BackendError::Unsupported(other)),
             }
         }
+    }
+
+    /// Takes every key of `keys` (sorted, without duplicates) for `token`, or none: the
+    /// lock on several keys at once. Each key is an exclusive lock, the same as
+    /// [`try_acquire`](Self::try_acquire) takes.
+    ///
+    /// The default takes them one at a time in the given (global) order and, when one is
+    /// refused or fails, releases those it took before answering: all or nothing, with no
+    /// deadlock between overlapping sets (nobody waits while holding a key). It costs one
+    /// round trip per key, and twice that for the keys taken before a refusal; a backend
+    /// that can do better in one step (one script on one Redis) overrides it.
+    fn try_acquire_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquire, BackendError>> + Send {
+        one_at_a_time::acquire(self, keys, token, ttl)
+    }
+
+    /// Releases every key of `keys` that `token` holds. `was_held` is whether it held
+    /// them all. The default releases them one at a time.
+    fn release_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+    ) -> impl Future<Output = Result<Released, BackendError>> + Send {
+        one_at_a_time::release(self, keys, token)
+    }
+
+    /// Resets the lease of every key of `keys` to `ttl` if `token` holds them all;
+    /// returns whether it did. The default extends them one at a time.
+    fn extend_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        one_at_a_time::extend(self, keys, token, ttl)
     }
 }

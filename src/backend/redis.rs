@@ -724,6 +724,28 @@ impl LockBackend for RedisBackend {
     ) -> Result<bool, BackendError> {
         self.extend_kind_script(kind, key, token, ttl).await
     }
+
+    async fn try_acquire_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        self.acquire_many(keys, token, ttl).await
+    }
+
+    async fn release_many(&self, keys: &[LockKey], token: Uuid) -> Result<Released, BackendError> {
+        self.release_many_script(keys, token).await
+    }
+
+    async fn extend_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        self.extend_many_script(keys, token, ttl).await
+    }
 }
 
 /// Release notifications (see `backend::wake`).

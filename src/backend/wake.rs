@@ -50,7 +50,10 @@ pub(crate) fn release_epoch<B: LockBackend>(backend: &B, key: &LockKey) -> u64 {
             return redlock.release_epoch(key);
         }
         // Permits and read/write holds on Redis hear of releases on the lock's channel too.
-        if let Some(kind) = any.downcast_ref::<crate::kind::KindBackend<super::RedisBackend>>() {
+        // (Several keys have no one channel: they wait on their backoff.)
+        if let Some(kind) = any.downcast_ref::<crate::kind::KindBackend<super::RedisBackend>>()
+            && kind.kind() != crate::kind::LockKind::Several
+        {
             return kind.inner().release_epoch(key);
         }
     }
@@ -76,7 +79,9 @@ pub(crate) async fn wait_for_release<B: LockBackend>(
         if let Some(redlock) = any.downcast_ref::<super::RedlockBackend>() {
             return redlock.wait_for_release(key, epoch, timeout).await;
         }
-        if let Some(kind) = any.downcast_ref::<crate::kind::KindBackend<super::RedisBackend>>() {
+        if let Some(kind) = any.downcast_ref::<crate::kind::KindBackend<super::RedisBackend>>()
+            && kind.kind() != crate::kind::LockKind::Several
+        {
             return kind.inner().wait_for_release(key, epoch, timeout).await;
         }
     }

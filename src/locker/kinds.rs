@@ -92,4 +92,35 @@ impl<Backend: LockBackend> Locker<Backend> {
     pub(super) fn takes_shares(&self) -> bool {
         self.settings.kind.is_some_and(|kind| kind.is_shared())
     }
+
+    /// This locker, taking several keys at once: [`kind`](Self::kind) with
+    /// [`LockKind::Several`]. Give [`lock`](Self::lock) (or the layer's key function) a
+    /// [`KeySet`](crate::KeySet); every key of it is locked, all or none, each as the
+    /// exclusive lock on that key (so they also exclude the exclusive locks of a locker
+    /// with the same prefix), under one owner token. [`Held::keys`](crate::Held::keys)
+    /// lists them.
+    ///
+    /// On one Redis server the set is taken in one script; on a Redis Cluster, where keys
+    /// of different slots cannot meet in a script, and on any other backend, the keys are
+    /// taken one at a time in the set's order and, on a refusal, the ones taken are
+    /// released before the answer: a round trip per key, twice that for those undone.
+    /// Nobody holds a key while waiting, so overlapping sets cannot deadlock. No fencing
+    /// token (each key has its own counter), and waiting is on the backoff, not on
+    /// release notifications (there is no one channel for a set).
+    ///
+    /// Every backend takes several keys, Redlock too (one key at a time).
+    ///
+    /// ```
+    /// use tower_redis_lock::{InMemoryBackend, KeySet, Locker};
+    ///
+    /// # async fn transfer() -> Result<(), tower_redis_lock::LockRejection> {
+    /// let accounts = Locker::new(InMemoryBackend::new()).key_prefix("acct:").several_keys();
+    /// let lock = accounts.lock(KeySet::new(["7", "3"])).await?;
+    /// assert_eq!(lock.held().keys().len(), 2); // acct:3, acct:7
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn several_keys(self) -> Locker<KindBackend<Backend>> {
+        self.kind(LockKind::Several)
+    }
 }

@@ -99,7 +99,8 @@ impl InMemoryBackend {
         token: Uuid,
         ttl: Duration,
     ) -> Acquire {
-        if kind == LockKind::Exclusive {
+        if matches!(kind, LockKind::Exclusive | LockKind::Several) {
+            // Several keys come through `try_acquire_many`, never here.
             return self.acquire_now(key, token, ttl);
         }
         let now = Instant::now();
@@ -124,7 +125,7 @@ impl InMemoryBackend {
                 }
                 LockKind::Read => read(locks, key, token, now, end),
                 LockKind::Write => self.write(locks, key, token, now, end),
-                LockKind::Exclusive => unreachable!("taken above"),
+                LockKind::Exclusive | LockKind::Several => unreachable!("taken above"),
             };
             forget_if_empty(&mut locks.kinds.permits, key);
             forget_if_empty(&mut locks.kinds.readers, key);
@@ -181,7 +182,7 @@ impl InMemoryBackend {
     pub(super) fn release_kind_now(&self, kind: LockKind, key: &LockKey, token: Uuid) -> Released {
         let now = Instant::now();
         let shares = match kind {
-            LockKind::Exclusive => return self.release_now(key, token),
+            LockKind::Exclusive | LockKind::Several => return self.release_now(key, token),
             LockKind::Write => {
                 return self.with_locks(|locks| match locks.kinds.writers.get(key) {
                     Some(lease) if lease.token == token => {
@@ -219,7 +220,7 @@ impl InMemoryBackend {
         let now = Instant::now();
         let end = saturating_add(now, ttl);
         let map = match kind {
-            LockKind::Exclusive => return self.extend_now(key, token, ttl),
+            LockKind::Exclusive | LockKind::Several => return self.extend_now(key, token, ttl),
             LockKind::Write => {
                 return self.with_locks(|locks| match locks.kinds.writers.get_mut(key) {
                     Some(lease) if lease.token == token && lease.expires_at > now => {

@@ -11,9 +11,10 @@ use crate::{
     backend::{
         Acquire, BackendError, Released,
         kind_scripts::{
-            PERMIT_ACQUIRE, READ_ACQUIRE, SHARE_EXTEND, SHARE_RELEASE, WRITE_ACQUIRE, WRITE_EXTEND,
-            WRITE_RELEASE,
+            MANY_ACQUIRE, MANY_EXTEND, MANY_RELEASE, PERMIT_ACQUIRE, READ_ACQUIRE, SHARE_EXTEND,
+            SHARE_RELEASE, WRITE_ACQUIRE, WRITE_EXTEND, WRITE_RELEASE,
         },
+        one_at_a_time,
     },
     key::LockKey,
     kind::LockKind,
@@ -45,14 +46,15 @@ impl RedisBackend {
         token: Uuid,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
-        if kind == LockKind::Exclusive {
+        if matches!(kind, LockKind::Exclusive | LockKind::Several) {
+            // Several keys come through `try_acquire_many`, never here.
             return self.attempt(key, token, ttl, false).await;
         }
         let mut buffer = Uuid::encode_buffer();
         let token = &*token.hyphenated().encode_lower(&mut buffer);
         let lease = lease_millis(ttl);
         let (script, cmd, fencing): (&'static Script, Cmd, bool) = match kind {
-            LockKind::Exclusive => unreachable!("taken above"),
+            LockKind::Exclusive | LockKind::Several => unreachable!("taken above"),
             LockKind::Permits(n) => {
                 let mut cmd = self.kind_cmd(&PERMIT_ACQUIRE, key, &[":permits", ":waiters"]);
                 cmd.arg(token).arg(lease).arg(n.get());
@@ -110,7 +112,7 @@ impl RedisBackend {
         let mut buffer = Uuid::encode_buffer();
         let token_text = &*token.hyphenated().encode_lower(&mut buffer);
         let (script, cmd): (&'static Script, Cmd) = match kind {
-            LockKind::Exclusive => {
+            LockKind::Exclusive | LockKind::Several => {
                 return crate::backend::LockBackend::release(self, key, token).await;
             }
             LockKind::Permits(_) | LockKind::Read => {
@@ -158,7 +160,7 @@ impl RedisBackend {
         let mut buffer = Uuid::encode_buffer();
         let token_text = &*token.hyphenated().encode_lower(&mut buffer);
         let (script, suffix): (&'static Script, &'static str) = match kind {
-            LockKind::Exclusive => {
+            LockKind::Exclusive | LockKind::Several => {
                 return crate::backend::LockBackend::extend(self, key, token, ttl).await;
             }
             LockKind::Permits(_) => (&SHARE_EXTEND, ":permits"),
@@ -169,5 +171,90 @@ impl RedisBackend {
         cmd.arg(token_text).arg(lease_millis(ttl));
         let extended: i64 = self.query(&cmd, Some(script)).await?;
         Ok(extended == 1)
+    }
+}
+
+/// Several keys at once: one script on one server; one key at a time in the keys' order
+/// on a Cluster, where keys of different slots cannot meet in one script.
+impl RedisBackend {
+    fn many_cmd(&self, script: &Script, keys: &[LockKey], suffixes: &[&'static str]) -> Cmd {
+        let mut cmd = Cmd::new();
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(keys.len() * suffixes.len());
+        for suffix in suffixes {
+            for key in keys {
+                cmd.arg(self.key_arg(key, suffix));
+            }
+        }
+        cmd
+    }
+
+    pub(super) async fn acquire_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        if self.connection.is_cluster() {
+            return one_at_a_time::acquire(self, keys, token, ttl).await;
+        }
+        let mut buffer = Uuid::encode_buffer();
+        let mut cmd = self.many_cmd(&MANY_ACQUIRE, keys, &["", ":waiters"]);
+        cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
+            .arg(lease_millis(ttl))
+            .arg(keys.len());
+        let reply: Vec<i64> = self.query(&cmd, Some(&MANY_ACQUIRE)).await?;
+        match reply.as_slice() {
+            [1] => Ok(Acquire::Acquired {
+                fencing_token: None,
+            }),
+            [0, pttl] => Ok(Acquire::Held {
+                remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            }),
+            other => Err(BackendError::Command(
+                format!("unexpected several-keys acquire reply {other:?}").into(),
+            )),
+        }
+    }
+
+    pub(super) async fn release_many_script(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+    ) -> Result<Released, BackendError> {
+        if self.connection.is_cluster() {
+            return one_at_a_time::release(self, keys, token).await;
+        }
+        let mut buffer = Uuid::encode_buffer();
+        let mut cmd = self.many_cmd(&MANY_RELEASE, keys, &["", ":released", ":waiters"]);
+        cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
+            .arg(keys.len());
+        let (all, receivers, marked): (i64, u64, i64) =
+            self.query(&cmd, Some(&MANY_RELEASE)).await?;
+        Ok(Released {
+            was_held: all == 1,
+            notified: receivers,
+            unnotified_waiters: marked == 1
+                && receivers == 0
+                && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
+        })
+    }
+
+    pub(super) async fn extend_many_script(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        if self.connection.is_cluster() {
+            return one_at_a_time::extend(self, keys, token, ttl).await;
+        }
+        let mut buffer = Uuid::encode_buffer();
+        let mut cmd = self.many_cmd(&MANY_EXTEND, keys, &[""]);
+        cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
+            .arg(lease_millis(ttl));
+        let all: i64 = self.query(&cmd, Some(&MANY_EXTEND)).await?;
+        Ok(all == 1)
     }
 }

@@ -74,6 +74,30 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
         self.kind(LockKind::Write)
     }
 
+    /// Several keys per request, all or none: the key function returns a
+    /// [`KeySet`](crate::KeySet) (both accounts of a transfer, say). See
+    /// [`Locker::several_keys`].
+    ///
+    /// ```
+    /// use http::request::Parts;
+    /// use tower_redis_lock::{InMemoryBackend, KeySet, LockLayer};
+    ///
+    /// // POST /transfers?from=…&to=… locks both accounts.
+    /// let layer = LockLayer::new(InMemoryBackend::new(), |parts: &Parts| {
+    ///     let query = parts.uri.query()?;
+    ///     let accounts = form_urlencoded::parse(query.as_bytes())
+    ///         .filter(|(name, _)| name == "from" || name == "to")
+    ///         .map(|(_, account)| account.into_owned());
+    ///     Some(KeySet::new(accounts))
+    /// })
+    /// .key_prefix("acct:")
+    /// .several_keys();
+    /// # let _ = layer;
+    /// ```
+    pub fn several_keys(self) -> LockLayer<KindBackend<Backend>, K> {
+        self.kind(LockKind::Several)
+    }
+
     /// One layer for readers and writers of the same key: `GET`, `HEAD` and `OPTIONS`
     /// read, every other method writes ([`LockMode::from_method`]). Set the other options
     /// first; they carry over to both modes, whose metrics classes end in `:read` and
