@@ -44,7 +44,7 @@
 //! | the key from the path, a header, the query, or a closure | [`PathKey`], [`HeaderKey`], [`QueryKey`], any `Fn(&Parts) -> Option<K>` ([`MakeLockKey`], [`LockLayer::from_fn`]) |
 //! | the lock inside the handler: key, tokens, lease, loss | [`Held`] (an axum extractor) |
 //! | a lock taken inside a handler | [`Locker::lock`] → [`OwnedLock`] |
-//! | at most N holders per key, or readers and writers | [`LockLayer::permits`], [`LockLayer::read_write`] ([`LockKind`], [`KindBackend`]) |
+//! | at most N holders per key, readers and writers, several keys at once | [`LockLayer::permits`], [`LockLayer::read_write`], [`LockLayer::several_keys`] with [`KeySet`] ([`LockKind`], [`KindBackend`]) |
 //! | what happens on contention, missing keys, failures, loss | [`LockRejection`], [`MissingKeyPolicy`], [`BackendErrorPolicy`], [`LossPolicy`] |
 //! | where locks live | [`RedisBackend`] (one server or a Cluster), [`RedlockBackend`] (majority of independent servers), [`InMemoryBackend`] (one process); your own: [`LockBackend`] |
 //! | safe client retries | [`idempotency::IdempotencyLayer`] |
