@@ -124,3 +124,38 @@ impl<Backend: LockBackend> Locker<Backend> {
         self.kind(LockKind::Several)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{InMemoryBackend, Locker};
+
+    #[test]
+    fn the_kind_is_part_of_the_metrics_class() {
+        let backend = InMemoryBackend::new();
+        let read = Locker::new(backend.clone()).key_prefix("doc:").read();
+        assert_eq!(&**read.class(), "doc:read");
+        let write = Locker::new(backend.clone()).write().key_prefix("doc:");
+        assert_eq!(&**write.class(), "doc:write");
+        let permits = Locker::new(backend.clone())
+            .permits(3)
+            .metrics_class("exports");
+        assert_eq!(&**permits.class(), "exports:permits");
+        let several = Locker::new(backend.clone()).several_keys();
+        assert_eq!(&**several.class(), "default:several");
+        assert_eq!(&**Locker::new(backend).class(), "default");
+    }
+
+    #[test]
+    fn shared_kinds_take_no_local_line() {
+        let locker = Locker::new(InMemoryBackend::new()).read().max_hand_offs(4);
+        assert!(locker.line.is_none());
+        let locker = Locker::new(InMemoryBackend::new()).write();
+        assert!(locker.line.is_some());
+    }
+
+    #[test]
+    #[should_panic(expected = "permits(n) needs n >= 1")]
+    fn zero_permits_are_refused() {
+        let _ = Locker::new(InMemoryBackend::new()).permits(0);
+    }
+}
