@@ -84,23 +84,7 @@ impl RedisBackend {
             }
         };
         let reply: Vec<i64> = self.query(&cmd, Some(script)).await?;
-        match reply.as_slice() {
-            [1] if !fencing => Ok(Acquire::Acquired {
-                fencing_token: None,
-            }),
-            [1, fence] if fencing && *fence > 0 => Ok(Acquire::Acquired {
-                fencing_token: Some(fence.unsigned_abs()),
-            }),
-            [0, wait] => Ok(Acquire::Held {
-                remaining: u64::try_from(*wait)
-                    .ok()
-                    .filter(|ms| *ms > 0)
-                    .map(Duration::from_millis),
-            }),
-            other => Err(BackendError::Command(
-                format!("unexpected {kind} acquire reply {other:?}").into(),
-            )),
-        }
+        acquire_reply(&reply, fencing, kind)
     }
 
     pub(super) async fn release_kind_script(
@@ -134,20 +118,32 @@ impl RedisBackend {
             }
         };
         let (held, receivers, marked): (i64, u64, i64) = self.query(&cmd, Some(script)).await?;
-        let marked = marked == 1;
-        // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
+        Ok(self.released(Some(key), held == 1, receivers, marked == 1))
+    }
+
+    /// A release's answer: `receivers` told, less our own subscriber when it listens on
+    /// `key`'s channel (it is not a waiter elsewhere); marked waiters that nobody told
+    /// poll, when our notifications are off or failing (and so presumably theirs).
+    fn released(
+        &self,
+        key: Option<&LockKey>,
+        held: bool,
+        receivers: u64,
+        marked: bool,
+    ) -> Released {
         let ours = marked
-            && self
-                .notifier
-                .as_ref()
-                .is_some_and(|n| n.listens_on(&self.release_channel(key)));
-        Ok(Released {
-            was_held: held == 1,
+            && key.is_some_and(|key| {
+                self.notifier
+                    .as_ref()
+                    .is_some_and(|n| n.listens_on(&self.release_channel(key)))
+            });
+        Released {
+            was_held: held,
             notified: receivers.saturating_sub(u64::from(ours)),
             unnotified_waiters: marked
                 && receivers == 0
                 && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
-        })
+        }
     }
 
     pub(super) async fn extend_kind_script(
@@ -205,17 +201,7 @@ impl RedisBackend {
             .arg(lease_millis(ttl))
             .arg(keys.len());
         let reply: Vec<i64> = self.query(&cmd, Some(&MANY_ACQUIRE)).await?;
-        match reply.as_slice() {
-            [1] => Ok(Acquire::Acquired {
-                fencing_token: None,
-            }),
-            [0, pttl] => Ok(Acquire::Held {
-                remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
-            }),
-            other => Err(BackendError::Command(
-                format!("unexpected several-keys acquire reply {other:?}").into(),
-            )),
-        }
+        acquire_reply(&reply, false, LockKind::Several)
     }
 
     pub(super) async fn release_many_script(
@@ -232,13 +218,8 @@ impl RedisBackend {
             .arg(keys.len());
         let (all, receivers, marked): (i64, u64, i64) =
             self.query(&cmd, Some(&MANY_RELEASE)).await?;
-        Ok(Released {
-            was_held: all == 1,
-            notified: receivers,
-            unnotified_waiters: marked == 1
-                && receivers == 0
-                && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
-        })
+        // Several channels: our own subscriber may listen on none of them.
+        Ok(self.released(None, all == 1, receivers, marked == 1))
     }
 
     pub(super) async fn extend_many_script(
@@ -256,5 +237,27 @@ impl RedisBackend {
             .arg(lease_millis(ttl));
         let all: i64 = self.query(&cmd, Some(&MANY_EXTEND)).await?;
         Ok(all == 1)
+    }
+}
+
+/// An acquire script's reply: `{1}` (or `{1, fencing token}` when `fencing`) granted,
+/// `{0, ms}` refused (a non-positive `ms` says nothing of when the hold ends).
+fn acquire_reply(reply: &[i64], fencing: bool, kind: LockKind) -> Result<Acquire, BackendError> {
+    match reply {
+        [1] if !fencing => Ok(Acquire::Acquired {
+            fencing_token: None,
+        }),
+        [1, fence] if fencing && *fence > 0 => Ok(Acquire::Acquired {
+            fencing_token: Some(fence.unsigned_abs()),
+        }),
+        [0, wait] => Ok(Acquire::Held {
+            remaining: u64::try_from(*wait)
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
+        }),
+        other => Err(BackendError::Command(
+            format!("unexpected {kind} acquire reply {other:?}").into(),
+        )),
     }
 }
