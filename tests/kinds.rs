@@ -262,6 +262,69 @@ async fn readers_share_writers_exclude(harness: &impl Harness) {
     );
 }
 
+/// Who entered a document, in order.
+type Log = Arc<std::sync::Mutex<Vec<&'static str>>>;
+
+/// `GET /docs/{id}?ms=N` reads for N ms, `PUT /docs/{id}` writes for 10 ms, logging
+/// their entry; one read/write layer.
+fn ordered_docs_app<B: LockBackend>(backend: B, log: Log) -> Router {
+    #[derive(serde::Deserialize)]
+    struct Work {
+        ms: u64,
+    }
+    async fn read(State(log): State<Log>, axum::extract::Query(work): axum::extract::Query<Work>) {
+        log.lock().unwrap().push("read");
+        tokio::time::sleep(Duration::from_millis(work.ms)).await;
+    }
+    async fn write(State(log): State<Log>) {
+        log.lock().unwrap().push("write");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Router::new()
+        .route("/docs/{id}", get(read).put(write))
+        .route_layer(
+            LockLayer::new(backend, PathKey::new("id"))
+                .key_prefix("doc:")
+                .ttl(TTL)
+                .max_wait(Duration::from_secs(3))
+                .read_write(),
+        )
+        .with_state(log)
+}
+
+/// Through two instances: a reader reads for 800 ms; a writer comes and waits; readers
+/// that come after it (on both instances) enter only after the writer.
+async fn a_waiting_writer_goes_first_over_http(harness: &impl Harness) {
+    let log = Log::default();
+    let a = serve(ordered_docs_app(harness.instance(), log.clone())).await;
+    let b = serve(ordered_docs_app(harness.instance(), log.clone())).await;
+    let client = reqwest::Client::new();
+    let send = |method: http::Method, url: String| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let response = client.request(method, &url).send().await.expect("request");
+            assert_eq!(response.status(), StatusCode::OK, "{url}");
+        })
+    };
+    let first = send(http::Method::GET, format!("{a}/docs/1?ms=800"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let writer = send(http::Method::PUT, format!("{b}/docs/1"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let later: Vec<_> = [&a, &b, &a, &b]
+        .into_iter()
+        .map(|url| send(http::Method::GET, format!("{url}/docs/1?ms=10")))
+        .collect();
+    for task in [first, writer].into_iter().chain(later) {
+        task.await.expect("client");
+    }
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["read", "write", "read", "read", "read", "read"],
+        "readers that came after the waiting writer went before it"
+    );
+    assert!(eventually(Duration::from_secs(8), || harness.held_locks() == 0).await);
+}
+
 /// A writer that waits for the readers inside is served before a reader that came after
 /// it (from another process, or from the same one once its read hold is past its joining
 /// window); that reader gets in once the writer is done.
@@ -580,6 +643,11 @@ macro_rules! kind_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn several_keys_are_all_or_none() {
                 super::several_keys_are_all_or_none(&$harness).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_waiting_writer_goes_first_over_http() {
+                super::a_waiting_writer_goes_first_over_http(&$harness).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
