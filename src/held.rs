@@ -98,6 +98,13 @@ impl Held {
         &self.inner.key
     }
 
+    /// Every key the lock holds, each with the layer's prefix: the members of a
+    /// [`KeySet`](crate::KeySet) for a lock on several keys (in their global order), the
+    /// one key otherwise. All of them are held under the one [`token`](Self::token).
+    pub fn keys(&self) -> Vec<LockKey> {
+        crate::kind::set_members(&self.inner.key).unwrap_or_else(|| vec![self.inner.key.clone()])
+    }
+
     /// The owner token stored in the backend: a fresh UUID v4 for each acquisition from
     /// the backend, kept when the lock is handed from one request of this process to the
     /// next.

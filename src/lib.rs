@@ -44,6 +44,7 @@
 //! | the key from the path, a header, the query, or a closure | [`PathKey`], [`HeaderKey`], [`QueryKey`], any `Fn(&Parts) -> Option<K>` ([`MakeLockKey`], [`LockLayer::from_fn`]) |
 //! | the lock inside the handler: key, tokens, lease, loss | [`Held`] (an axum extractor) |
 //! | a lock taken inside a handler | [`Locker::lock`] → [`OwnedLock`] |
+//! | at most N holders per key, readers and writers, several keys at once | [`LockLayer::permits`], [`LockLayer::read_write`], [`LockLayer::several_keys`] with [`KeySet`] ([`LockKind`], [`KindBackend`]) |
 //! | what happens on contention, missing keys, failures, loss | [`LockRejection`], [`MissingKeyPolicy`], [`BackendErrorPolicy`], [`LossPolicy`] |
 //! | where locks live | [`RedisBackend`] (one server or a Cluster), [`RedlockBackend`] (majority of independent servers), [`InMemoryBackend`] (one process); your own: [`LockBackend`] |
 //! | waiters of all processes served first come, first served | [`Locker::fair`], [`LockLayer::fair`] (backends that implement [`FairBackend`]) |
@@ -105,6 +106,7 @@ mod held;
 #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
 pub mod idempotency;
 mod key;
+mod kind;
 mod lease;
 mod line;
 mod locker;
@@ -120,8 +122,9 @@ pub use crate::{
     backend::{BackendError, FairBackend, InMemoryBackend, LockBackend},
     held::Held,
     key::{HeaderKey, LockKey, MakeLockKey, QueryKey},
+    kind::{KeySet, KindBackend, LockKind, LockMode},
     locker::{Locker, OwnedLock},
-    middleware::{Lock, LockLayer, ResponseFuture},
+    middleware::{Lock, LockLayer, ReadWriteLayer, ReadWriteLock, ResponseFuture},
     policy::{BackendErrorPolicy, LossPolicy, MissingKeyPolicy},
     rejection::{InvalidKey, LockRejection},
 };

@@ -130,6 +130,16 @@ impl SharedConnection {
         self.current.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether the pools are a Cluster's (where keys of different slots cannot meet in
+    /// one script).
+    pub(super) fn is_cluster(&self) -> bool {
+        #[cfg(feature = "cluster")]
+        if let Pools::Cluster(_) = self.pools {
+            return true;
+        }
+        false
+    }
+
     /// The shared connection, if there is one now.
     pub(super) fn current(&self) -> Option<Conn> {
         self.slot().clone()

@@ -13,7 +13,9 @@ use uuid::Uuid;
 use super::{Acquire, BackendError, LockBackend, Released};
 #[cfg(feature = "idempotency")]
 use crate::idempotency::MemoryRecords;
-use crate::{key::LockKey, lease::saturating_add};
+use crate::{key::LockKey, kind::LockKind, lease::saturating_add};
+
+mod kinds;
 
 mod fair;
 
@@ -47,6 +49,8 @@ struct Locks {
     /// Size of `held` after the last sweep of expired leases; sweeping again once the map
     /// has doubled keeps the cost amortised O(1) and memory bounded by the live locks.
     swept_at: usize,
+    /// Permits and read/write holds (see `kinds`).
+    kinds: kinds::KindLocks,
 }
 
 #[derive(Debug)]
@@ -69,10 +73,13 @@ impl InMemoryBackend {
         self
     }
 
-    /// How many locks are held right now (expired leases not counted).
+    /// How many locks are held right now (expired leases not counted), each permit and
+    /// read share counting as one.
     pub fn held_count(&self) -> usize {
         let now = Instant::now();
-        self.with_locks(|locks| locks.held.values().filter(|l| l.expires_at > now).count())
+        self.with_locks(|locks| {
+            locks.held.values().filter(|l| l.expires_at > now).count() + locks.kinds.held_count(now)
+        })
     }
 
     /// Whether `token` holds the lock on `key` now (for the idempotency store).
@@ -182,5 +189,38 @@ impl LockBackend for InMemoryBackend {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
         ready(Ok(self.extend_now(key, token, ttl)))
+    }
+
+    fn supports(&self, _kind: LockKind) -> bool {
+        true
+    }
+
+    fn try_acquire_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquire, BackendError>> + Send {
+        ready(Ok(self.acquire_kind_now(kind, key, token, ttl)))
+    }
+
+    fn release_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+    ) -> impl Future<Output = Result<Released, BackendError>> + Send {
+        ready(Ok(self.release_kind_now(kind, key, token)))
+    }
+
+    fn extend_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        ready(Ok(self.extend_kind_now(kind, key, token, ttl)))
     }
 }

@@ -7,16 +7,19 @@ use std::{future::Future, time::Duration};
 
 use uuid::Uuid;
 
-use crate::key::LockKey;
+use crate::{key::LockKey, kind::LockKind};
 
 #[cfg(feature = "redis")]
 mod connection;
 #[cfg(feature = "redis")]
 mod environment;
 pub(crate) mod fair;
+#[cfg(feature = "redis")]
+mod kind_scripts;
 mod memory;
 #[cfg(feature = "redis")]
 mod notify;
+mod one_at_a_time;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redis")]
@@ -97,6 +100,9 @@ pub enum BackendError {
     /// reply the protocol does not allow.
     #[error("lock backend refused the command")]
     Command(#[source] BoxError),
+    /// The backend does not take this kind of lock (see [`LockBackend::supports`]).
+    #[error("lock backend does not take {0} locks")]
+    Unsupported(LockKind),
 }
 
 /// A backend could not be built from what it was given (a malformed URL, say): a mistake
@@ -149,5 +155,111 @@ pub trait LockBackend: Clone + Send + Sync + 'static {
     /// token there, so every attempt gets a fresh one.
     fn retry_with_same_token(&self) -> bool {
         true
+    }
+
+    /// Whether the backend takes holds of `kind` through
+    /// [`try_acquire_kind`](Self::try_acquire_kind) and its siblings. By default only
+    /// [`LockKind::Exclusive`], which they pass to the plain methods: a backend of your
+    /// own keeps compiling and refuses the other kinds when a locker is built with them
+    /// ([`Locker::permits`](crate::Locker::permits) panics with a clear message).
+    fn supports(&self, kind: LockKind) -> bool {
+        kind == LockKind::Exclusive
+    }
+
+    /// Takes a hold of `kind` on `key` for `token` with a lease of `ttl`, if the kind's
+    /// rule allows it now (fewer than `n` permits out; no writer and no waiting writer for
+    /// a reader; nobody at all for a writer) or `token` holds one already (its lease is
+    /// then reset). A refused writer leaves a short-lived mark that refuses new readers
+    /// until it gets in, so that writers do not starve.
+    ///
+    /// The default takes [`LockKind::Exclusive`] with [`try_acquire`](Self::try_acquire)
+    /// and refuses the other kinds with [`BackendError::Unsupported`].
+    fn try_acquire_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquire, BackendError>> + Send {
+        async move {
+            match kind {
+                LockKind::Exclusive => self.try_acquire(key, token, ttl).await,
+                other => Err(BackendError::Unsupported(other)),
+            }
+        }
+    }
+
+    /// Gives back `token`'s hold of `kind` on `key`, and tells waiters elsewhere when it
+    /// may let one in. The default: [`release`](Self::release) for
+    /// [`LockKind::Exclusive`], [`BackendError::Unsupported`] otherwise.
+    fn release_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+    ) -> impl Future<Output = Result<Released, BackendError>> + Send {
+        async move {
+            match kind {
+                LockKind::Exclusive => self.release(key, token).await,
+                other => Err(BackendError::Unsupported(other)),
+            }
+        }
+    }
+
+    /// Resets the lease of `token`'s hold of `kind` on `key` to `ttl`, if it still holds
+    /// it. The default: [`extend`](Self::extend) for [`LockKind::Exclusive`],
+    /// [`BackendError::Unsupported`] otherwise.
+    fn extend_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        async move {
+            match kind {
+                LockKind::Exclusive => self.extend(key, token, ttl).await,
+                other => Err(BackendError::Unsupported(other)),
+            }
+        }
+    }
+
+    /// Takes every key of `keys` (sorted, without duplicates) for `token`, or none: the
+    /// lock on several keys at once. Each key is an exclusive lock, the same as
+    /// [`try_acquire`](Self::try_acquire) takes.
+    ///
+    /// The default takes them one at a time in the given (global) order and, when one is
+    /// refused or fails, releases those it took before answering: all or nothing, with no
+    /// deadlock between overlapping sets (nobody waits while holding a key). It costs one
+    /// round trip per key, and twice that for the keys taken before a refusal; a backend
+    /// that can do better in one step (one script on one Redis) overrides it.
+    fn try_acquire_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquire, BackendError>> + Send {
+        one_at_a_time::acquire(self, keys, token, ttl)
+    }
+
+    /// Releases every key of `keys` that `token` holds. `was_held` is whether it held
+    /// them all. The default releases them one at a time.
+    fn release_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+    ) -> impl Future<Output = Result<Released, BackendError>> + Send {
+        one_at_a_time::release(self, keys, token)
+    }
+
+    /// Resets the lease of every key of `keys` to `ttl` if `token` holds them all;
+    /// returns whether it did. The default extends them one at a time.
+    fn extend_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        one_at_a_time::extend(self, keys, token, ttl)
     }
 }

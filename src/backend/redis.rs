@@ -17,7 +17,9 @@ use super::{
     notify::{Notifier, Source},
     scripts::{ACQUIRE, EXTEND, RELEASE},
 };
-use crate::key::LockKey;
+use crate::{key::LockKey, kind::LockKind};
+
+mod kinds;
 
 mod fair;
 
@@ -695,6 +697,62 @@ impl LockBackend for RedisBackend {
             .arg(lease_millis(ttl));
         let extended: i64 = self.query(&cmd, Some(&EXTEND)).await?;
         Ok(extended == 1)
+    }
+
+    /// Every kind: permits and read/write in scripts of their own (see `kinds`).
+    fn supports(&self, _kind: LockKind) -> bool {
+        true
+    }
+
+    async fn try_acquire_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        self.acquire_kind(kind, key, token, ttl).await
+    }
+
+    async fn release_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+    ) -> Result<Released, BackendError> {
+        self.release_kind_script(kind, key, token).await
+    }
+
+    async fn extend_kind(
+        &self,
+        kind: LockKind,
+        key: &LockKey,
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        self.extend_kind_script(kind, key, token, ttl).await
+    }
+
+    async fn try_acquire_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        self.acquire_many(keys, token, ttl).await
+    }
+
+    async fn release_many(&self, keys: &[LockKey], token: Uuid) -> Result<Released, BackendError> {
+        self.release_many_script(keys, token).await
+    }
+
+    async fn extend_many(
+        &self,
+        keys: &[LockKey],
+        token: Uuid,
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        self.extend_many_script(keys, token, ttl).await
     }
 }
 

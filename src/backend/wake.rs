@@ -49,6 +49,13 @@ pub(crate) fn release_epoch<B: LockBackend>(backend: &B, key: &LockKey) -> u64 {
         if let Some(redlock) = any.downcast_ref::<super::RedlockBackend>() {
             return redlock.release_epoch(key);
         }
+        // Permits and read/write holds on Redis hear of releases on the lock's channel too.
+        // (Several keys have no one channel: they wait on their backoff.)
+        if let Some(kind) = any.downcast_ref::<crate::kind::KindBackend<super::RedisBackend>>()
+            && kind.kind() != crate::kind::LockKind::Several
+        {
+            return kind.inner().release_epoch(key);
+        }
     }
     let _ = (backend, key);
     0
@@ -71,6 +78,11 @@ pub(crate) async fn wait_for_release<B: LockBackend>(
         }
         if let Some(redlock) = any.downcast_ref::<super::RedlockBackend>() {
             return redlock.wait_for_release(key, epoch, timeout).await;
+        }
+        if let Some(kind) = any.downcast_ref::<crate::kind::KindBackend<super::RedisBackend>>()
+            && kind.kind() != crate::kind::LockKind::Several
+        {
+            return kind.inner().wait_for_release(key, epoch, timeout).await;
         }
     }
     let _ = (backend, key, epoch);

@@ -11,6 +11,7 @@
 mod acquire;
 mod fair;
 mod guard;
+mod kinds;
 mod owned;
 mod renewals;
 mod settings;
@@ -32,7 +33,7 @@ use self::{
     acquire::{Backoff, acquire},
     guard::LockLine,
     renewals::Renewals,
-    settings::{DEFAULT_MAX_HAND_OFFS, MIN_TTL, MetricsClass, Renewal},
+    settings::{DEFAULT_MAX_HAND_OFFS, MIN_TTL, Renewal},
 };
 use crate::{
     backend::{FairBackend, LockBackend},
@@ -293,7 +294,7 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// The `class` label of these locks' metrics (default: the key prefix without its
     /// trailing `:`, or `default`). Locks are never labelled by key.
     pub fn metrics_class(mut self, class: impl Into<Arc<str>>) -> Self {
-        self.settings_mut().class = MetricsClass::Named(class.into());
+        self.settings_mut().set_class(class.into());
         self
     }
 
@@ -363,7 +364,10 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// release, or given one backoff when they cannot be told). 0 keeps the line (one
     /// request of this process asks the backend at a time) without hand-offs.
     pub fn max_hand_offs(mut self, max: u32) -> Self {
-        self.line = Some(Line::new(max));
+        // Shared kinds (permits, readers) take no line: each request asks for its share.
+        if !self.takes_shares() {
+            self.line = Some(Line::new(max));
+        }
         self
     }
 

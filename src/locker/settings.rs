@@ -8,6 +8,7 @@ use http::StatusCode;
 use super::acquire::{AcquireError, Backoff, WaitPolicy};
 use crate::{
     key::LockKey,
+    kind::LockKind,
     rejection::{InvalidKey, LockRejection},
 };
 
@@ -62,6 +63,19 @@ impl MetricsClass {
         })
     }
 
+    /// The class with `:kind` appended, when there is a kind.
+    fn with_kind(self, kind: Option<LockKind>) -> Self {
+        let Some(kind) = kind.map(|kind| kind.name()) else {
+            return self;
+        };
+        match self {
+            MetricsClass::FromPrefix(class) => {
+                MetricsClass::FromPrefix(format!("{class}:{kind}").into())
+            }
+            MetricsClass::Named(class) => MetricsClass::Named(format!("{class}:{kind}").into()),
+        }
+    }
+
     pub(crate) fn label(&self) -> &Arc<str> {
         match self {
             MetricsClass::FromPrefix(class) | MetricsClass::Named(class) => class,
@@ -82,6 +96,9 @@ pub(crate) struct LockSettings {
     pub(crate) retry_after_cap: Duration,
     pub(crate) release_timeout: Duration,
     pub(crate) renewal: Renewal,
+    /// The kind of lock when not exclusive (`permits`, `read`, `write`): appended to the
+    /// metrics class, so that the modes of one route count apart.
+    pub(crate) kind: Option<LockKind>,
 }
 
 impl Default for LockSettings {
@@ -97,6 +114,7 @@ impl Default for LockSettings {
             retry_after_cap: DEFAULT_RETRY_AFTER_CAP,
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
             renewal: Renewal::Auto,
+            kind: None,
         }
     }
 }
@@ -104,9 +122,24 @@ impl Default for LockSettings {
 impl LockSettings {
     pub(crate) fn set_key_prefix(&mut self, prefix: Arc<str>) {
         if let MetricsClass::FromPrefix(_) = self.class {
-            self.class = MetricsClass::from_prefix(&prefix);
+            self.class = MetricsClass::from_prefix(&prefix).with_kind(self.kind);
         }
         self.key_prefix = prefix;
+    }
+
+    /// Names the metrics class (with the kind appended, for a kind other than exclusive).
+    pub(crate) fn set_class(&mut self, class: Arc<str>) {
+        self.class = MetricsClass::Named(class).with_kind(self.kind);
+    }
+
+    /// Makes these the settings of a kind of lock other than exclusive: `class:kind`.
+    pub(crate) fn set_kind(&mut self, kind: LockKind) {
+        self.kind = Some(kind);
+        self.class = match &self.class {
+            MetricsClass::FromPrefix(_) => MetricsClass::from_prefix(&self.key_prefix),
+            MetricsClass::Named(class) => MetricsClass::Named(class.clone()),
+        }
+        .with_kind(self.kind);
     }
 
     /// The metrics label of these locks.

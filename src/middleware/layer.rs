@@ -7,6 +7,10 @@ use http::{Response, StatusCode, request::Parts};
 use tower_layer::Layer;
 
 use super::service::Lock;
+
+mod kinds;
+
+pub use self::kinds::{ReadWriteLayer, ReadWriteLock};
 use crate::{
     backend::{FairBackend, LockBackend},
     key::{LockKey, MakeLockKey},

@@ -6,4 +6,8 @@ mod future;
 mod layer;
 mod service;
 
-pub use self::{future::ResponseFuture, layer::LockLayer, service::Lock};
+pub use self::{
+    future::ResponseFuture,
+    layer::{LockLayer, ReadWriteLayer, ReadWriteLock},
+    service::Lock,
+};

@@ -73,12 +73,33 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        self.call_with(None, request)
+    }
+}
+
+impl<S, Backend, K> Lock<S, Backend, K>
+where
+    Backend: LockBackend,
+    K: MakeLockKey,
+{
+    /// [`call`](Service::call), with the lock taken by `locker` instead of the service's
+    /// own, when given (the read locker of a read/write layer).
+    pub(crate) fn call_with<ReqBody, ResBody>(
+        &mut self,
+        locker: Option<&Locker<Backend>>,
+        request: Request<ReqBody>,
+    ) -> ResponseFuture<S, Backend, ReqBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        ResBody: From<Bytes>,
+    {
+        let locker = locker.unwrap_or(&self.locker);
         let (mut parts, body) = request.into_parts();
         let key = self.make_key.make_lock_key(&mut parts);
         let request = Request::from_parts(parts, body);
-        let class = self.locker.class();
+        let class = locker.class();
         let key = match key {
-            Some(key) => self.locker.settings().lock_key(key),
+            Some(key) => locker.settings().lock_key(key),
             None if self.settings.missing_key == MissingKeyPolicy::PassThrough => {
                 return ResponseFuture::unlocked(self.inner.call(request), self.settings.clone());
             }
@@ -104,7 +125,7 @@ where
             outcome = tracing::field::Empty,
             wait_ms = tracing::field::Empty,
         );
-        let locker = self.locker.clone();
+        let locker = locker.clone();
         let acquire = Box::pin(async move {
             let acquired = locker.acquire(key).await;
             (locker, acquired)
