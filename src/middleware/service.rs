@@ -86,7 +86,7 @@ where
     /// own, when given (the read locker of a read/write layer).
     pub(crate) fn call_with<ReqBody, ResBody>(
         &mut self,
-        locker: Option<&Locker<Backend>>,
+        locker: Option<&Arc<Locker<Backend>>>,
         request: Request<ReqBody>,
     ) -> ResponseFuture<S, Backend, ReqBody>
     where

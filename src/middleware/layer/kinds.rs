@@ -3,6 +3,7 @@
 
 use std::{
     fmt,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -186,7 +187,7 @@ impl<S, Backend: LockBackend, K: Clone, M: Clone> Layer<S> for ReadWriteLayer<Ba
     fn layer(&self, inner: S) -> Self::Service {
         ReadWriteLock {
             lock: self.write.layer(inner),
-            read: self.read.clone(),
+            read: Arc::new(self.read.clone()),
             mode: self.mode.clone(),
         }
     }
@@ -216,7 +217,7 @@ impl<Backend: LockBackend + fmt::Debug, K, M> fmt::Debug for ReadWriteLayer<Back
 /// [`ReadWriteLayer`]; see [`LockLayer::read_write`].
 pub struct ReadWriteLock<S, Backend: LockBackend, K, M> {
     lock: Lock<S, KindBackend<Backend>, K>,
-    read: Locker<KindBackend<Backend>>,
+    read: Arc<Locker<KindBackend<Backend>>>,
     mode: M,
 }
 
