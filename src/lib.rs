@@ -58,8 +58,9 @@
 //! - A lock alone cannot stop a holder that stalled past its lease from writing late:
 //!   fencing tokens ([`Held::fencing_token`], [`RedisBackend::fencing`]) can, if the
 //!   storage checks them.
-//! - What the server must give (no eviction of keys with a TTL, durable counters for
-//!   fencing, hosts that are not suspended) is in the README's "What the environment must
+//! - What the server must give (no eviction of keys with a TTL, durable counters and a
+//!   clock that does not step back by more than the fence retention for fencing, hosts
+//!   that are not suspended) is in the README's "What the environment must
 //!   give"; the backend warns about eviction policies it sees.
 //!
 //! # Metrics and tracing

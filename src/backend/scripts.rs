@@ -8,9 +8,54 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis::Script;
 
+/// The one formula for fencing tokens, spliced at the top of every script that takes one
+/// (DESIGN §4): `take_fence(counter_key, retention_ms)` returns the next token of the
+/// counter and leaves it behind with an expiry of `retention_ms`.
+///
+/// A token is a hybrid logical clock: `max(stored + 1, server time in µs)`, the server
+/// time from `TIME`. While the counter lives, tokens grow by at least one per acquisition;
+/// once it has expired (`retention_ms` after its last use, by the server's wall clock),
+/// the next token starts from the clock, which by then has passed every token the counter
+/// gave, unless the server clock stepped back by more than the retention since (a token
+/// runs ahead of the clock only by what the clock stepped back, or by one per acquisition
+/// faster than one a microsecond). So counters need not be kept forever.
+///
+/// Exact in Lua: numbers are doubles, and µs since 1970 (about 1.8·10¹⁵ in 2027) stay far
+/// below 2⁵³ (9·10¹⁵, the year 2255); the value is written with `%.0f` (never in
+/// exponent form) and returned as an integer reply. An old `INCR` counter (a small number)
+/// is simply overtaken by the clock.
+///
+/// `TIME` is non-deterministic: before Redis 7, a script that calls it and then writes
+/// must replicate its effects rather than itself (`redis.replicate_commands()`, the
+/// default since Redis 5, called anyway in case `lua-replicate-commands` was turned off;
+/// it must come before the script's first write, hence at the top). Redis 7 and Valkey
+/// always replicate effects and keep the call as a no-op.
+pub(super) const FENCE_LUA: &str = r#"
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+local function take_fence(counter_key, retention_ms)
+  local time = redis.call('TIME')
+  local token = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  local stored = tonumber(redis.call('GET', counter_key) or '0') or 0
+  if stored + 1 > token then
+    token = stored + 1
+  end
+  redis.call('SET', counter_key, string.format('%.0f', token), 'PX', retention_ms)
+  return token
+end
+"#;
+
+/// A script that takes fencing tokens: [`FENCE_LUA`] and then `body`, which calls
+/// `take_fence`.
+fn fenced_script(body: &str) -> Script {
+    Script::new(&format!("{FENCE_LUA}{body}"))
+}
+
 /// `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` waiter mark, `ARGV[1]` token,
 /// `ARGV[2]` lease in ms, `ARGV[3]` `1` to take a fencing token, `ARGV[4]` `1` when this
-/// token may have left a mark before (an earlier attempt of it was refused).
+/// token may have left a mark before (an earlier attempt of it was refused), `ARGV[5]`
+/// how long the fence counter outlives its last use, in ms (see [`FENCE_LUA`]).
 ///
 /// Returns `{1}` (or `{1, fencing token}`) when the token now holds the lock, `{0, pttl}`
 /// when another token does. Without fencing, the first attempt is a plain `SET NX PX`
@@ -27,21 +72,21 @@ use deadpool_redis::redis::Script;
 /// new holder in our process): the lease is reset and the attempt succeeds, with a fresh
 /// fencing token so that each holder's is larger than its predecessor's.
 pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    fenced_script(
         r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[4] == '1' and redis.call('GET', KEYS[3]) == ARGV[1] then
     redis.call('DEL', KEYS[3])
   end
   if ARGV[3] == '1' then
-    return {1, redis.call('INCR', KEYS[2])}
+    return {1, take_fence(KEYS[2], ARGV[5])}
   end
   return {1}
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   if ARGV[3] == '1' then
-    return {1, redis.call('INCR', KEYS[2])}
+    return {1, take_fence(KEYS[2], ARGV[5])}
   end
   return {1}
 end
