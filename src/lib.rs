@@ -66,7 +66,8 @@
 //! # Metrics and tracing
 //!
 //! Every locked request runs in a `lock` span (`key`, `class`, `outcome`, `wait_ms`). With
-//! the `metrics` feature the crate records, labelled by class (never by key):
+//! the `metrics` feature the crate records, labelled by class (by key only for the few
+//! most contended keys, [`Locker::hot_keys`]):
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
@@ -76,6 +77,9 @@
 //! | `lock_hold_seconds` | histogram | `class` |
 //! | `lock_renewals_total` | counter | `result` = ok, failed |
 //! | `lock_hand_offs_total` | counter | |
+//! | `lock_hot_key_contentions` | gauge | `class`, `key` (the class's top 10 contended keys; 0 once a key drops out) |
+//! | `lock_ttl_headroom` | gauge | `class`: ttl ÷ p99.9 hold |
+//! | `lock_ttl_warnings_total` | counter | `class`, `reason` = hold_near_ttl, frequent_renewals |
 //!
 //! # Feature flags
 //!
@@ -101,6 +105,7 @@
 
 pub mod backend;
 mod held;
+mod hot_keys;
 #[cfg(feature = "idempotency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
 pub mod idempotency;
@@ -112,6 +117,7 @@ mod middleware;
 mod observe;
 mod policy;
 mod rejection;
+mod ttl_advice;
 
 #[cfg(feature = "axum")]
 mod extract;
@@ -119,6 +125,7 @@ mod extract;
 pub use crate::{
     backend::{BackendError, InMemoryBackend, LockBackend},
     held::Held,
+    hot_keys::HotKey,
     key::{HeaderKey, LockKey, MakeLockKey, QueryKey},
     locker::{Locker, OwnedLock},
     middleware::{Lock, LockLayer, ResponseFuture},

@@ -7,7 +7,9 @@ use http::StatusCode;
 
 use super::acquire::{AcquireError, Backoff, WaitPolicy};
 use crate::{
+    hot_keys::DEFAULT_HOT_KEYS,
     key::LockKey,
+    observe::Observed,
     rejection::{InvalidKey, LockRejection},
 };
 
@@ -82,6 +84,10 @@ pub(crate) struct LockSettings {
     pub(crate) retry_after_cap: Duration,
     pub(crate) release_timeout: Duration,
     pub(crate) renewal: Renewal,
+    /// How many hot keys to track.
+    pub(crate) hot_keys: usize,
+    /// Hot keys and hold times, for this class.
+    pub(crate) observed: Arc<Observed>,
 }
 
 impl Default for LockSettings {
@@ -97,6 +103,8 @@ impl Default for LockSettings {
             retry_after_cap: DEFAULT_RETRY_AFTER_CAP,
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
             renewal: Renewal::Auto,
+            hot_keys: DEFAULT_HOT_KEYS,
+            observed: Observed::new(DEFAULT_HOT_KEYS),
         }
     }
 }
@@ -104,9 +112,23 @@ impl Default for LockSettings {
 impl LockSettings {
     pub(crate) fn set_key_prefix(&mut self, prefix: Arc<str>) {
         if let MetricsClass::FromPrefix(_) = self.class {
-            self.class = MetricsClass::from_prefix(&prefix);
+            self.set_class(MetricsClass::from_prefix(&prefix));
         }
         self.key_prefix = prefix;
+    }
+
+    /// Names the metrics class; a new class starts with nothing observed.
+    pub(crate) fn set_class(&mut self, class: MetricsClass) {
+        if class != self.class {
+            self.observed = Observed::new(self.hot_keys);
+        }
+        self.class = class;
+    }
+
+    /// Tracks the `capacity` most contended keys, starting afresh.
+    pub(crate) fn set_hot_keys(&mut self, capacity: usize) {
+        self.hot_keys = capacity;
+        self.observed = Observed::new(capacity);
     }
 
     /// The metrics label of these locks.

@@ -181,6 +181,11 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
         &self.locker
     }
 
+    /// The most contended keys of this layer's locker: see [`Locker::hot_keys`].
+    pub fn hot_keys(&self) -> Vec<crate::HotKey> {
+        self.locker.hot_keys()
+    }
+
     /// How many keys this layer's requests hold or wait for in this process right now;
     /// see [`Locker::keys_in_use`].
     pub fn keys_in_use(&self) -> usize {
