@@ -211,6 +211,35 @@ mod tests {
         }
     }
 
+    /// What a count costs, with no metrics recorder installed: `cargo test --release --lib
+    /// --all-features what_a_count_costs -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn what_a_count_costs() {
+        const N: u32 = 1_000_000;
+        let class: Arc<str> = Arc::from("bench");
+        for (what, keys) in [("one hot key", 1), ("10 keys", 10), ("distinct keys", N)] {
+            let hot_keys = HotKeys::new(DEFAULT_HOT_KEYS);
+            let keys: Vec<LockKey> = (0..keys.min(100_000))
+                .map(|n| LockKey::from(format!("sku:{n}")))
+                .collect();
+            let started = std::time::Instant::now();
+            for n in 0..N as usize {
+                hot_keys.contended(&class, std::hint::black_box(&keys[n % keys.len()]));
+            }
+            let per = started.elapsed() / N;
+            println!("HotKeys::contended, {what}: {per:?} a count");
+        }
+        let advice = crate::ttl_advice::TtlAdvice::default();
+        let ttl = std::time::Duration::from_secs(10);
+        let started = std::time::Instant::now();
+        for n in 0..N {
+            let hold = std::time::Duration::from_micros(u64::from(n % 5000));
+            std::hint::black_box(advice.hold(hold, ttl, Some(ttl / 3)));
+        }
+        println!("TtlAdvice::hold: {:?} a hold", started.elapsed() / N);
+    }
+
     #[test]
     fn memory_stays_at_the_capacity_and_small_streams_are_exact() {
         let mut sketch = SpaceSaving::new(10);
