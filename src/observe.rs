@@ -29,10 +29,16 @@ use crate::{
 /// What a locker learns from its locks over time: its hot keys and its hold times against
 /// the ttl. Shared by its clones and the layers made from it; made anew when its metrics
 /// class changes.
-#[derive(Debug)]
 pub(crate) struct Observed {
     pub(crate) hot_keys: HotKeys,
     pub(crate) ttl: TtlAdvice,
+}
+
+impl std::fmt::Debug for Observed {
+    // The sketch's keys and the hold buckets would drown a locker's `Debug`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed").finish_non_exhaustive()
+    }
 }
 
 impl Observed {

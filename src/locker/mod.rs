@@ -227,8 +227,9 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// contended (409). Uncontended acquisitions are not counted and cost nothing here.
     /// The counts come from a space-saving sketch in constant memory: every key
     /// contended more than `n / k` times out of `n` (k keys tracked) is listed, and each
-    /// count is at most [`HotKey::overcount`] above the true one. The same keys are
-    /// exported as the gauge `lock_hot_key_contentions{class, key}`.
+    /// count is at most [`HotKey::overcount`] above the true one. With the `metrics`
+    /// feature the same keys are the gauge `lock_hot_key_contentions{class, key}`, set to
+    /// 0 when a key drops out.
     pub fn hot_keys(&self) -> Vec<HotKey> {
         self.settings.observed.hot_keys.top()
     }
