@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Checks examples/monitoring/: the Prometheus rules with `promtool check rules` (installs
-# Debian's `prometheus` package for it when missing, as scripts/test.sh does redis-server;
-# skips that check, saying so, when it cannot), the Grafana dashboard as JSON, and that
-# every metric either queries is one the crate records (README's metrics table).
+# Checks examples/monitoring/: the Prometheus rules with `promtool check rules`, and their
+# unit tests with `promtool test rules` (installs Debian's `prometheus` package for it when
+# missing, as scripts/test.sh does redis-server; skips both, saying so, when it cannot),
+# the Grafana dashboard as JSON, and that every metric either queries is one the crate
+# records (README's metrics table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=examples/monitoring
@@ -20,8 +21,9 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 if command -v promtool >/dev/null 2>&1; then
   promtool check rules "$rules"
+  (cd "$dir" && promtool test rules prometheus-rules.test.yml)
 else
-  echo "skipped: promtool check rules (no promtool, and the prometheus package could not be installed: apt-get install prometheus)" >&2
+  echo "skipped: promtool check rules and test rules (no promtool, and the prometheus package could not be installed: apt-get install prometheus)" >&2
 fi
 
 python3 -m json.tool "$dashboard" >/dev/null
