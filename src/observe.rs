@@ -15,7 +15,7 @@
 //! | `lock_renewals_total` | counter | `result` = ok, failed |
 //! | `lock_hand_offs_total` | counter | |
 //! | `lock_hot_key_contentions` | gauge | `class`, `key`: the contended acquisitions of each of the class's most contended keys (its top 10 by default, `Locker::track_hot_keys`); a key that drops out is set to 0 |
-//! | `lock_ttl_headroom` | gauge | `class`: ttl ÷ p99.9 hold, over the last 1,000 holds (at least this; 100 at most) |
+//! | `lock_ttl_headroom` | gauge | `class`: ttl ÷ p99.9 hold, over the last 1,000 holds, or ttl ÷ the last hold over two thirds of an unrenewed ttl (at least this; 100 at most) |
 //! | `lock_ttl_warnings_total` | counter | `class`, `reason` = hold_near_ttl (no renewal, p99.9 hold over a third of the ttl, or one hold over two thirds), frequent_renewals (over half the holds renewed) |
 
 use std::{sync::Arc, time::Duration};

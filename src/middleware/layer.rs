@@ -226,6 +226,11 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
         self.map_locker(|locker| locker.metrics_class(class))
     }
 
+    /// How many hot keys to track: see [`Locker::track_hot_keys`].
+    pub fn track_hot_keys(self, k: usize) -> Self {
+        self.map_locker(|locker| locker.track_hot_keys(k))
+    }
+
     /// Sets the longest key: see [`Locker::max_key_len`] (default 512 bytes).
     pub fn max_key_len(self, max: usize) -> Self {
         self.map_locker(|locker| locker.max_key_len(max))
