@@ -456,7 +456,9 @@ fn client_cpu_us() -> f64 {
 }
 
 /// Commands scripts make inside Redis (never sent by the lock clients directly).
-const SCRIPT_INTERNAL: &[&str] = &["get", "del", "pexpire", "pttl", "incr", "append", "publish"];
+const SCRIPT_INTERNAL: &[&str] = &[
+    "get", "del", "pexpire", "pttl", "incr", "time", "append", "publish",
+];
 
 fn percentile(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {

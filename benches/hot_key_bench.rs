@@ -447,8 +447,9 @@ async fn commandstats(data: &Pool) -> HashMap<String, u64> {
 
 /// Commands a script makes inside Redis (never sent by the lock's clients directly).
 const SCRIPT_INTERNAL: &[&str] = &[
-    "set", "get", "del", "pexpire", "pttl", "incr", "publish", // and fair mode's line:
-    "exists", "time", "lpop", "rpush", "lrange", "lrem", "zadd", "zscore", "zrem",
+    "set", "get", "del", "pexpire", "pttl", "incr", "time",
+    "publish", // and fair mode's line:
+    "exists", "lpop", "rpush", "lrange", "lrem", "zadd", "zscore", "zrem",
 ];
 /// The benchmark's own commands.
 const OWN: &[&str] = &["hget", "hset", "info"];

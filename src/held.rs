@@ -114,7 +114,8 @@ impl Held {
 
     /// This acquisition's fencing token, when the backend hands them out (see
     /// `RedisBackend::fencing`): a number larger than that of every earlier acquisition
-    /// of the same key.
+    /// of the same key. On Redis it is a hybrid logical clock, about the server's time in
+    /// µs since 1970 (so about 1.8·10¹⁵), not a count.
     ///
     /// Pass it along with every write the lock protects, and have the storage refuse a
     /// token smaller than the largest it has accepted. A holder that stalled past its

@@ -60,14 +60,16 @@
 //! - A lock alone cannot stop a holder that stalled past its lease from writing late:
 //!   fencing tokens ([`Held::fencing_token`], [`RedisBackend::fencing`]) can, if the
 //!   storage checks them.
-//! - What the server must give (no eviction of keys with a TTL, durable counters for
-//!   fencing, hosts that are not suspended) is in the README's "What the environment must
+//! - What the server must give (no eviction of keys with a TTL, durable counters and a
+//!   clock that does not step back by more than the fence retention for fencing, hosts
+//!   that are not suspended) is in the README's "What the environment must
 //!   give"; the backend warns about eviction policies it sees.
 //!
 //! # Metrics and tracing
 //!
 //! Every locked request runs in a `lock` span (`key`, `class`, `outcome`, `wait_ms`). With
-//! the `metrics` feature the crate records, labelled by class (never by key):
+//! the `metrics` feature the crate records, labelled by class (by key only for the few
+//! most contended keys, [`Locker::hot_keys`]):
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
@@ -77,6 +79,9 @@
 //! | `lock_hold_seconds` | histogram | `class` |
 //! | `lock_renewals_total` | counter | `result` = ok, failed |
 //! | `lock_hand_offs_total` | counter | |
+//! | `lock_hot_key_contentions` | gauge | `class`, `key` (the class's top 10 contended keys; 0 once a key drops out) |
+//! | `lock_ttl_headroom` | gauge | `class`: ttl ÷ p99.9 hold |
+//! | `lock_ttl_warnings_total` | counter | `class`, `reason` = hold_near_ttl, frequent_renewals |
 //!
 //! # Feature flags
 //!
@@ -102,6 +107,7 @@
 
 pub mod backend;
 mod held;
+mod hot_keys;
 #[cfg(feature = "idempotency")]
 #[cfg_attr(docsrs, doc(cfg(feature = "idempotency")))]
 pub mod idempotency;
@@ -114,6 +120,7 @@ mod middleware;
 mod observe;
 mod policy;
 mod rejection;
+mod ttl_advice;
 
 #[cfg(feature = "axum")]
 mod extract;
@@ -121,6 +128,7 @@ mod extract;
 pub use crate::{
     backend::{BackendError, FairBackend, InMemoryBackend, LockBackend},
     held::Held,
+    hot_keys::HotKey,
     key::{HeaderKey, LockKey, MakeLockKey, QueryKey},
     kind::{KeySet, KindBackend, LockKind, LockMode},
     locker::{Locker, OwnedLock},

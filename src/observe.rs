@@ -2,7 +2,9 @@
 //! histograms through the `metrics` facade (feature `metrics`).
 //!
 //! Metrics are labelled by the layer's *class* (its `metrics_class`, by default its key
-//! prefix), never by the raw key: keys come from requests and are unbounded.
+//! prefix), never by the raw key: keys come from requests and are unbounded. The one
+//! exception names the few most contended keys of each class (a bounded set at any time,
+//! `Locker::track_hot_keys`).
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
@@ -12,8 +14,41 @@
 //! | `lock_hold_seconds` | histogram | `class`: from holding to releasing |
 //! | `lock_renewals_total` | counter | `result` = ok, failed |
 //! | `lock_hand_offs_total` | counter | |
+//! | `lock_hot_key_contentions` | gauge | `class`, `key`: the contended acquisitions of each of the class's most contended keys (its top 10 by default, `Locker::track_hot_keys`); a key that drops out is set to 0 |
+//! | `lock_ttl_headroom` | gauge | `class`: ttl ÷ p99.9 hold, over the last 1,000 holds, or ttl ÷ the last hold over two thirds of an unrenewed ttl (at least this; 100 at most) |
+//! | `lock_ttl_warnings_total` | counter | `class`, `reason` = hold_near_ttl (no renewal, p99.9 hold over a third of the ttl, or one hold over two thirds), frequent_renewals (over half the holds renewed) |
 
 use std::{sync::Arc, time::Duration};
+
+use crate::{
+    hot_keys::HotKeys,
+    key::LockKey,
+    ttl_advice::{TtlAdvice, Verdict},
+};
+
+/// What a locker learns from its locks over time: its hot keys and its hold times against
+/// the ttl. Shared by its clones and the layers made from it; made anew when its metrics
+/// class changes.
+pub(crate) struct Observed {
+    pub(crate) hot_keys: HotKeys,
+    pub(crate) ttl: TtlAdvice,
+}
+
+impl std::fmt::Debug for Observed {
+    // The sketch's keys and the hold buckets would drown a locker's `Debug`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed").finish_non_exhaustive()
+    }
+}
+
+impl Observed {
+    pub(crate) fn new(hot_keys: usize) -> Arc<Self> {
+        Arc::new(Self {
+            hot_keys: HotKeys::new(hot_keys),
+            ttl: TtlAdvice::default(),
+        })
+    }
+}
 
 /// How a request's encounter with the lock ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,4 +116,53 @@ pub(crate) fn renewal(ok: bool) {
 pub(crate) fn hand_off() {
     #[cfg(feature = "metrics")]
     metrics::counter!("lock_hand_offs_total").increment(1);
+}
+
+/// A hot key's count (0: it left the top).
+pub(crate) fn hot_key(class: &Arc<str>, key: &LockKey, count: u64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!(
+        "lock_hot_key_contentions",
+        "class" => class.clone(),
+        "key" => key.as_str().to_owned()
+    )
+    .set(count as f64);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (class, key, count);
+}
+
+/// What a window of holds (or one long hold) said about the ttl.
+pub(crate) fn ttl_verdict(
+    class: &Arc<str>,
+    advice: &TtlAdvice,
+    verdict: Verdict,
+    ttl: Duration,
+    renew_every: Option<Duration>,
+) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("lock_ttl_headroom", "class" => class.clone()).set(verdict.headroom);
+    let Some(reason) = verdict.warning else {
+        return;
+    };
+    #[cfg(feature = "metrics")]
+    metrics::counter!("lock_ttl_warnings_total", "class" => class.clone(), "reason" => reason.as_str())
+        .increment(1);
+    if advice.warn_due(reason) {
+        tracing::warn!(
+            %class,
+            reason = reason.as_str(),
+            ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            renew_every_ms = renew_every.map(|every| u64::try_from(every.as_millis()).unwrap_or(u64::MAX)),
+            headroom = verdict.headroom,
+            "{}",
+            match reason {
+                crate::ttl_advice::Reason::HoldNearTtl =>
+                    "lock holds come close to the ttl without renewal: a slower one loses its lock; \
+                     raise the ttl to at least 3 x the p99.9 hold, or turn renewal on",
+                crate::ttl_advice::Reason::FrequentRenewals =>
+                    "most lock holds outlive the renewal interval: the ttl is shorter than the usual \
+                     hold; raise it to about 3 x the p99.9 hold to save a renewal per hold",
+            }
+        );
+    }
 }

@@ -123,6 +123,20 @@ async fn exactly_the_stock_is_sold() {
     let item = item(&client, &urls[1], "tee").await;
     assert_eq!(item["stock"], 0);
     assert_eq!(item["sold"], 25);
+    // 200 buyers on one SKU: the operator sees it as the hot key.
+    let debug: serde_json::Value = client
+        .get(format!("{}/debug/locks", urls[0]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(debug["hot_keys"][0]["key"], "sku:tee", "{debug}");
+    assert!(
+        debug["hot_keys"][0]["contended"].as_u64() > Some(0),
+        "{debug}"
+    );
 }
 
 /// A retry with the same key replays the first answer, from either instance; the same

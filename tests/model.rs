@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `Arrive`: a request joins its process's line, or gets the turn | `line::Line::enter` |
 //! | `Send`: the turn-holder sends an acquire with its token | `locker::acquire::from_backend` → `LockBackend::try_acquire` |
-//! | `Exec(Acquire)`: Redis runs the acquire script atomically: `SET NX PX`, or our own token (lease reset), each with `INCR` of the fence counter; otherwise "held" | `backend/scripts.rs` `ACQUIRE` |
+//! | `Exec(Acquire)`: Redis runs the acquire script atomically: `SET NX PX`, or our own token (lease reset), each taking a fencing token (`scripts::FENCE_LUA`: strictly above the stored one, modelled as `INCR`; the counter does not expire within the model); otherwise "held" | `backend/scripts.rs` `ACQUIRE` |
 //! | `Deliver` / `Drop`: the reply arrives, or is lost | the multiplexed connection |
 //! | `Timeout`: the client stops waiting for a reply (the message stays in the network and may still run later) and tries again with the same token | `from_backend`'s error path (`in_doubt`) |
 //! | a reply `Acquired` sets the lease deadline `sent + ttl − margin`; a deadline already past means "lost" | `Held::new`, `lease::lease_end`, the watchdog's first poll |

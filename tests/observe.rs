@@ -164,3 +164,98 @@ async fn a_volatile_eviction_policy_is_reported_because_it_evicts_held_locks() {
         "the first holder cannot know before its next renewal"
     );
 }
+
+/// A key that requests wait for is counted in the locker's hot keys and exported (its
+/// class, the key, the count); keys locked without contention are neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contended_key_shows_up_in_the_hot_keys() {
+    let (metrics, _) = observed();
+    let server = RedisServer::spawn();
+    let locker = Locker::new(RedisBackend::new(pool(&server.url())))
+        .key_prefix("sale:")
+        .max_wait(Duration::from_secs(5));
+    for n in 0..20 {
+        let lock = locker.lock(format!("order-{n}")).await.expect("lock");
+        lock.release().await;
+    }
+    assert_eq!(locker.hot_keys(), [], "uncontended keys were counted");
+    // Two processes' worth of lockers, eight workers on one key.
+    let other = Locker::new(RedisBackend::new(pool(&server.url())))
+        .key_prefix("sale:")
+        .max_wait(Duration::from_secs(5));
+    let tasks: Vec<_> = (0..8)
+        .map(|worker| {
+            let locker = if worker % 2 == 0 { &locker } else { &other }.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    let lock = locker.lock("sku-1").await.expect("lock");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    lock.release().await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let hot = locker.hot_keys();
+    assert_eq!(hot.len(), 1, "{hot:?}");
+    assert_eq!(hot[0].key.as_str(), "sale:sku-1");
+    assert!(hot[0].count >= 10, "{hot:?}"); // 40 acquisitions here, most waited
+    let text = metrics.render();
+    assert!(
+        text.lines()
+            .any(|line| line
+                .starts_with(r#"lock_hot_key_contentions{class="sale",key="sale:sku-1"}"#)),
+        "{text}"
+    );
+    assert!(!text.contains("order-"), "an uncontended key was exported");
+}
+
+/// Holds that come close to an unrenewed ttl warn (once in the log, every time in the
+/// counter) and set the headroom gauge; the same holds with renewal do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_near_an_unrenewed_ttl_are_reported() {
+    let (metrics, logs) = observed();
+    let hold = |locker: Locker<InMemoryBackend>| async move {
+        for n in 0..3 {
+            let lock = locker.lock(format!("k{n}")).await.expect("lock");
+            // Over two thirds of the 300 ms ttl.
+            tokio::time::sleep(Duration::from_millis(220)).await;
+            lock.release().await;
+        }
+    };
+    let ttl = Duration::from_millis(300);
+    hold(
+        Locker::new(InMemoryBackend::new())
+            .metrics_class("slow_unrenewed")
+            .ttl(ttl)
+            .without_renewal(),
+    )
+    .await;
+    hold(
+        Locker::new(InMemoryBackend::new())
+            .metrics_class("slow_renewed")
+            .ttl(ttl),
+    )
+    .await;
+    let text = metrics.render();
+    assert!(
+        text.contains(
+            r#"lock_ttl_warnings_total{class="slow_unrenewed",reason="hold_near_ttl"} 3"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with(r#"lock_ttl_headroom{class="slow_unrenewed"}"#)),
+        "{text}"
+    );
+    assert!(!text.contains(r#"class="slow_renewed",reason"#), "{text}");
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warnings = logs
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("class=slow_unrenewed"))
+        .count();
+    assert_eq!(warnings, 1, "{logs}");
+}

@@ -741,6 +741,22 @@ where
             response
         });
     let known_item = || middleware::from_fn_with_state(state.clone(), require_item);
+    // The operator's first question: which SKUs are hot (contended buys, restocks).
+    let item_locker = item_lock.locker().clone();
+    let hot_keys = get(move || async move {
+        let keys: Vec<_> = item_locker
+            .hot_keys()
+            .into_iter()
+            .map(|hot| {
+                serde_json::json!({
+                    "key": hot.key.as_str(),
+                    "contended": hot.count,
+                    "overcount": hot.overcount,
+                })
+            })
+            .collect();
+        axum::Json(serde_json::json!({ "hot_keys": keys }))
+    });
     // Outermost first. Admission: past MAX_CONCURRENT_BUYS requests in flight, 429 before
     // any Redis work. Unknown items are 404 before anything is written. The key's record
     // is looked up next. The second limit sits inside the idempotency layer: a buy that
@@ -771,6 +787,7 @@ where
         .route("/items/{sku}/buy", buy_route)
         .route("/items/{sku}/restock", restock_route)
         .route("/metrics", get(metrics_text))
+        .route("/debug/locks", hot_keys)
         .layer(middleware::from_fn(count_answers))
         .with_state(state)
 }

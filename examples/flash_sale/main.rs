@@ -19,7 +19,13 @@
 #[path = "app.rs"]
 mod app;
 
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// Buckets of the lock's wait and hold histograms, in seconds: what the dashboard and the
+/// rules in `examples/monitoring/` read (`_bucket` series; summaries otherwise).
+const SECONDS_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[tokio::main]
 async fn main() -> Result<(), tower::BoxError> {
@@ -28,7 +34,11 @@ async fn main() -> Result<(), tower::BoxError> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
-    let metrics = Some(PrometheusBuilder::new().install_recorder()?);
+    let metrics = Some(
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)?
+            .install_recorder()?,
+    );
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let redis_url = std::env::var("REDIS_URL").ok();
     let router = app::service(redis_url.as_deref(), metrics)?;

@@ -112,15 +112,16 @@ return {0, wait}
 /// A writer. `KEYS[1]` the writer (`:writer`, its value the holder's token), `KEYS[2]` the
 /// read shares, `KEYS[3]` the waiting-writer mark, `KEYS[4]` the waiter mark, `KEYS[5]`
 /// the fence counter; `ARGV[1]` token, `ARGV[2]` lease in ms, `ARGV[3]` `1` to take a
-/// fencing token, `ARGV[4]` how long the waiting-writer mark lives, in ms.
+/// fencing token, `ARGV[4]` how long the waiting-writer mark lives, in ms, `ARGV[5]` the
+/// fence retention in ms.
 ///
 /// Grants when the token is the writer already (its lease is reset) or there is no writer
 /// and no live read share; returns `{1}` or `{1, fencing token}` (the exclusive lock's
-/// `INCR` on the fence key). Otherwise sets the waiting-writer mark (new readers are
+/// `take_fence` on the fence key, see `scripts::FENCE_LUA`). Otherwise sets the waiting-writer mark (new readers are
 /// refused while it lives; the writer's every refused attempt renews it), marks the
 /// waiter and returns `{0, ms until the writer's or the last reader's lease ends}`.
 pub(super) static WRITE_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(shares_lua!(
+    super::scripts::fenced_script(shares_lua!(
         r#"
 local now = now_ms()
 prune(KEYS[2], now)
@@ -134,7 +135,7 @@ if holder == ARGV[1] or (not holder and redis.call('ZCARD', KEYS[2]) == 0) then
     redis.call('DEL', KEYS[4])
   end
   if ARGV[3] == '1' then
-    return {1, redis.call('INCR', KEYS[5])}
+    return {1, take_fence(KEYS[5], ARGV[5])}
   end
   return {1}
 end

@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     future::{Future, ready},
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::time::Instant;
@@ -34,6 +34,7 @@ pub struct InMemoryBackend {
     fair: bool,
     /// Wakes fair waiters on every grant.
     grants: Arc<fair::Grants>,
+    fence_retention: FenceRetention,
     /// Idempotency records (`ResponseStore`).
     #[cfg(feature = "idempotency")]
     pub(crate) records: MemoryRecords,
@@ -42,8 +43,17 @@ pub struct InMemoryBackend {
 #[derive(Debug, Default)]
 struct Locks {
     held: HashMap<LockKey, Lease>,
-    /// Last fencing token per key; kept forever, like the Redis counter keys.
-    fences: HashMap<LockKey, u64>,
+    /// Last fencing token per key, forgotten once unused for the fence retention, like
+    /// the Redis counter keys.
+    fences: HashMap<LockKey, Fence>,
+    /// The largest token of a forgotten entry: new entries start above it, so that here,
+    /// unlike on Redis, even a wall clock that stepped back cannot repeat a token.
+    forgotten_fence: u64,
+    /// Size of `fences` after its last sweep (as `swept_at` for `held`).
+    fences_swept_at: usize,
+    /// When `fences` is swept next whatever its size: one retention after the last
+    /// sweep, so entries unused for the retention are gone within twice that.
+    fences_sweep_due: Option<Instant>,
     /// The fair lines, by key; a key has one only while someone waits in it.
     lines: HashMap<LockKey, fair::KeyLine>,
     /// Size of `held` after the last sweep of expired leases; sweeping again once the map
@@ -51,6 +61,22 @@ struct Locks {
     swept_at: usize,
     /// Permits and read/write holds (see `kinds`).
     kinds: kinds::KindLocks,
+}
+
+#[derive(Debug)]
+struct Fence {
+    token: u64,
+    forget_at: Instant,
+}
+
+/// How long a key's last fencing token is kept after its last use.
+#[derive(Clone, Copy, Debug)]
+struct FenceRetention(Duration);
+
+impl Default for FenceRetention {
+    fn default() -> Self {
+        Self(Duration::from_secs(24 * 60 * 60))
+    }
 }
 
 #[derive(Debug)]
@@ -66,11 +92,28 @@ impl InMemoryBackend {
     }
 
     /// Hands out a fencing token with every acquisition (off by default), as
-    /// [`RedisBackend::fencing`](crate::RedisBackend::fencing) does: one counter per key
-    /// ever locked, kept for the life of the backend.
+    /// [`RedisBackend::fencing`](crate::RedisBackend::fencing) does: `max(last + 1, wall
+    /// clock in µs since 1970)`, the key's last token kept for the
+    /// [`fence_retention`](Self::fence_retention) after its last use. A key whose entry
+    /// was forgotten starts above every token ever forgotten, so tokens of one key grow
+    /// whatever the clock does.
     pub fn fencing(mut self, on: bool) -> Self {
         self.fencing = on;
         self
+    }
+
+    /// How long a key's last fencing token is kept after its last use (default one day,
+    /// on tokio's clock), as [`RedisBackend::fence_retention`](crate::RedisBackend::fence_retention).
+    pub fn fence_retention(mut self, retention: Duration) -> Self {
+        self.fence_retention = FenceRetention(retention);
+        self
+    }
+
+    /// How many keys' fencing tokens are remembered right now (forgotten ones not
+    /// counted).
+    pub fn fence_count(&self) -> usize {
+        let now = Instant::now();
+        self.with_locks(|locks| locks.fences.values().filter(|f| f.forget_at > now).count())
     }
 
     /// How many locks are held right now (expired leases not counted), each permit and
@@ -127,14 +170,47 @@ impl InMemoryBackend {
         })
     }
 
-    /// A new fencing token for `key`, when fencing is on.
+    /// A new fencing token for `key`, when fencing is on: `max(last + 1, wall clock µs)`,
+    /// where a forgotten (or never seen) key's last token is the largest forgotten one.
     fn fence(&self, locks: &mut Locks, key: &LockKey) -> Option<u64> {
         if !self.fencing {
             return None;
         }
-        let counter = locks.fences.entry(key.clone()).or_default();
-        *counter += 1;
-        Some(*counter)
+        let now = Instant::now();
+        if locks.fences.len() >= 2 * locks.fences_swept_at.max(64)
+            || locks.fences_sweep_due.is_none_or(|due| now >= due)
+        {
+            let mut forgotten = locks.forgotten_fence;
+            locks.fences.retain(|_, fence| {
+                let keep = fence.forget_at > now;
+                if !keep {
+                    forgotten = forgotten.max(fence.token);
+                }
+                keep
+            });
+            locks.forgotten_fence = forgotten;
+            locks.fences_swept_at = locks.fences.len();
+            locks.fences_sweep_due = Some(saturating_add(now, self.fence_retention.0));
+        }
+        let floor = locks.forgotten_fence;
+        let forget_at = saturating_add(now, self.fence_retention.0);
+        let clock = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+            });
+        let fence = locks.fences.entry(key.clone()).or_insert(Fence {
+            token: floor,
+            forget_at,
+        });
+        if fence.forget_at <= now {
+            // Unused for the retention: as good as forgotten.
+            locks.forgotten_fence = locks.forgotten_fence.max(fence.token);
+            fence.token = fence.token.max(floor);
+        }
+        fence.token = fence.token.saturating_add(1).max(clock);
+        fence.forget_at = forget_at;
+        Some(fence.token)
     }
 
     fn release_now(&self, key: &LockKey, token: Uuid) -> Released {
@@ -222,5 +298,51 @@ impl LockBackend for InMemoryBackend {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
         ready(Ok(self.extend_kind_now(kind, key, token, ttl)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(backend: &InMemoryBackend, key: &LockKey) -> u64 {
+        let token = Uuid::new_v4();
+        let Acquire::Acquired {
+            fencing_token: Some(fence),
+        } = backend.acquire_now(key, token, Duration::from_secs(1))
+        else {
+            panic!("no fencing token");
+        };
+        backend.release_now(key, token);
+        fence
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fence_entries_are_forgotten_and_tokens_still_grow() {
+        let retention = Duration::from_secs(60);
+        let backend = InMemoryBackend::new()
+            .fencing(true)
+            .fence_retention(retention);
+        let hot = LockKey::from("hot");
+        let mut last = 0;
+        for _ in 0..1000 {
+            let next = token(&backend, &hot);
+            assert!(next > last, "{next} <= {last}");
+            last = next;
+        }
+        for n in 0..10_000 {
+            token(&backend, &LockKey::from(format!("order:{n}")));
+        }
+        assert_eq!(backend.fence_count(), 10_001);
+        tokio::time::advance(retention * 2 + Duration::from_secs(1)).await;
+        assert_eq!(backend.fence_count(), 0);
+        // Forgotten, and yet above every token the key had.
+        let next = token(&backend, &hot);
+        assert!(
+            next > last,
+            "{next} <= {last} after the entry was forgotten"
+        );
+        // The map itself let go of them, not just the count.
+        assert_eq!(backend.with_locks(|locks| locks.fences.len()), 1);
     }
 }

@@ -28,6 +28,9 @@ const DEFAULT_PREFIX: &str = "lock:";
 /// Default bound on one operation, pool checkout included. Lock scripts take
 /// microseconds; a server that needs longer is treated as unavailable.
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time a fence counter outlives its last use: a day, far beyond any clock step
+/// NTP makes, and short enough that a key locked once costs memory for one day only.
+const DEFAULT_FENCE_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A backend on one Redis server (DESIGN §3).
 ///
@@ -71,6 +74,8 @@ struct Config {
     fencing: bool,
     /// Fair mode (see `fair`): releases grant the lock to the next waiter in line.
     fair: bool,
+    /// [`RedisBackend::fence_retention`], in whole ms.
+    fence_retention_ms: u64,
 }
 
 impl RedisBackend {
@@ -88,6 +93,7 @@ impl RedisBackend {
                 command_timeout: DEFAULT_COMMAND_TIMEOUT,
                 fencing: false,
                 fair: false,
+                fence_retention_ms: lease_millis(DEFAULT_FENCE_RETENTION),
             }),
         }
     }
@@ -270,17 +276,42 @@ impl RedisBackend {
     /// Hands out a fencing token with every acquisition (off by default); see
     /// [`Held::fencing_token`](crate::Held::fencing_token).
     ///
-    /// The token comes from `INCR` on the lock's counter key, `<prefix>{<key>}:fence`,
-    /// inside the acquire script: no extra round trip. The cost is memory: the counter
-    /// never expires, so Redis keeps one small key (about 80 bytes, measured over 10,000
-    /// keys on Redis 7.0) for every lock key ever used. Lock on keys of bounded
-    /// cardinality (an order, a SKU, a tenant), or budget for it.
+    /// The token is taken inside the acquire script (no extra round trip) from the
+    /// lock's counter key, `<prefix>{<key>}:fence`, as a hybrid logical clock:
+    /// `max(stored + 1, server time in µs)` (Redis `TIME`). The counter expires
+    /// [`fence_retention`](Self::fence_retention) after its last use (default a day), so
+    /// keys locked once cost memory for that long only; a counter that expired restarts
+    /// from the server clock, above every token it gave, **as long as the server's clock
+    /// does not step back by more than the retention**. Tokens are about 1.8·10¹⁵ (µs
+    /// since 1970), not small counts.
     ///
-    /// Tokens only grow while the counter survives: run Redis with `maxmemory-policy
-    /// noeviction` (an `allkeys-*` policy may evict the counter and restart it at 1) and
-    /// with AOF persistence where a restart must not reset it.
+    /// Tokens only grow while the counter survives for its retention: run Redis with
+    /// `maxmemory-policy noeviction` (an `allkeys-*` policy may evict a counter early,
+    /// and a clock that stepped back since then lets it restart below a token it gave)
+    /// and with AOF persistence where a restart must not lose the last tokens.
     pub fn fencing(mut self, on: bool) -> Self {
         Arc::make_mut(&mut self.config).fencing = on;
+        self
+    }
+
+    /// How long a fence counter outlives its last use (default one day): the clock step
+    /// back the tokens survive. See [`fencing`](Self::fencing).
+    ///
+    /// A counter not used for this long expires; the next acquisition of its key takes
+    /// its token from the server clock, which is then at least this much past the last
+    /// token handed out, unless the clock stepped back by more. Shorter keeps less memory
+    /// for keys locked once (a day of them) and tolerates a smaller step; it need not be
+    /// longer than the ttl.
+    ///
+    /// # Panics
+    ///
+    /// When `retention` is under one millisecond.
+    pub fn fence_retention(mut self, retention: Duration) -> Self {
+        assert!(
+            retention >= Duration::from_millis(1),
+            "RedisBackend::fence_retention must be at least 1 ms"
+        );
+        Arc::make_mut(&mut self.config).fence_retention_ms = lease_millis(retention);
         self
     }
 
@@ -327,15 +358,15 @@ impl RedisBackend {
     }
 
     /// `EVALSHA <script> <keys>` with room for the rest; the keys are the lock's key and
-    /// the given suffixes of it, in that order: `:fence` for the fencing counter (no
-    /// expiry: a counter that restarted would hand out tokens a resource already saw),
+    /// the given suffixes of it, in that order: `:fence` for the fencing counter (expiring
+    /// the fence retention after its last use, see `scripts::FENCE_LUA`),
     /// `:waiters` for the mark a refused waiter leaves (its token, with a short expiry),
     /// `:released` for the release channel.
     fn evalsha(&self, script: &Script, key: &LockKey, suffixes: &[&'static str]) -> Cmd {
         // Room for the name, the hash, the keys and a token and two short arguments:
         // the command never grows its buffers.
         let mut cmd = Cmd::with_capacity(
-            3 + (1 + suffixes.len()) + 3,
+            3 + (1 + suffixes.len()) + 5,
             128 + (1 + suffixes.len()) * (self.config.prefix.len() + key.len() + 12),
         );
         cmd.arg("EVALSHA")
@@ -442,7 +473,8 @@ impl RedisBackend {
         cmd.arg(token)
             .arg(lease)
             .arg(if self.config.fencing { "1" } else { "0" })
-            .arg(if own_mark { "1" } else { "0" });
+            .arg(if own_mark { "1" } else { "0" })
+            .arg(self.config.fence_retention_ms);
         let reply: Vec<i64> = self.query(&cmd, Some(&ACQUIRE)).await?;
         match reply.as_slice() {
             [1] if !self.config.fencing => Ok(Acquire::Acquired {
@@ -781,6 +813,7 @@ impl fmt::Debug for RedisBackend {
             .field("prefix", &self.config.prefix)
             .field("command_timeout", &self.config.command_timeout)
             .field("fencing", &self.config.fencing)
+            .field("fence_retention_ms", &self.config.fence_retention_ms)
             .field("pool", &self.connection.status())
             .finish()
     }

@@ -8,9 +8,54 @@ use std::sync::LazyLock;
 
 use deadpool_redis::redis::Script;
 
+/// The one formula for fencing tokens, spliced at the top of every script that takes one
+/// (DESIGN §4): `take_fence(counter_key, retention_ms)` returns the next token of the
+/// counter and leaves it behind with an expiry of `retention_ms`.
+///
+/// A token is a hybrid logical clock: `max(stored + 1, server time in µs)`, the server
+/// time from `TIME`. While the counter lives, tokens grow by at least one per acquisition;
+/// once it has expired (`retention_ms` after its last use, by the server's wall clock),
+/// the next token starts from the clock, which by then has passed every token the counter
+/// gave, unless the server clock stepped back by more than the retention since (a token
+/// runs ahead of the clock only by what the clock stepped back, or by one per acquisition
+/// faster than one a microsecond). So counters need not be kept forever.
+///
+/// Exact in Lua: numbers are doubles, and µs since 1970 (about 1.8·10¹⁵ in 2027) stay far
+/// below 2⁵³ (9·10¹⁵, the year 2255); the value is written with `%.0f` (never in
+/// exponent form) and returned as an integer reply. An old `INCR` counter (a small number)
+/// is simply overtaken by the clock.
+///
+/// `TIME` is non-deterministic: before Redis 7, a script that calls it and then writes
+/// must replicate its effects rather than itself (`redis.replicate_commands()`, the
+/// default since Redis 5, called anyway in case `lua-replicate-commands` was turned off;
+/// it must come before the script's first write, hence at the top). Redis 7 and Valkey
+/// always replicate effects and keep the call as a no-op.
+pub(super) const FENCE_LUA: &str = r#"
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+local function take_fence(counter_key, retention_ms)
+  local time = redis.call('TIME')
+  local token = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  local stored = tonumber(redis.call('GET', counter_key) or '0') or 0
+  if stored + 1 > token then
+    token = stored + 1
+  end
+  redis.call('SET', counter_key, string.format('%.0f', token), 'PX', retention_ms)
+  return token
+end
+"#;
+
+/// A script that takes fencing tokens: [`FENCE_LUA`] and then `body`, which calls
+/// `take_fence`.
+pub(super) fn fenced_script(body: &str) -> Script {
+    Script::new(&format!("{FENCE_LUA}{body}"))
+}
+
 /// `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` waiter mark, `ARGV[1]` token,
 /// `ARGV[2]` lease in ms, `ARGV[3]` `1` to take a fencing token, `ARGV[4]` `1` when this
-/// token may have left a mark before (an earlier attempt of it was refused).
+/// token may have left a mark before (an earlier attempt of it was refused), `ARGV[5]`
+/// how long the fence counter outlives its last use, in ms (see [`FENCE_LUA`]).
 ///
 /// Returns `{1}` (or `{1, fencing token}`) when the token now holds the lock, `{0, pttl}`
 /// when another token does. Without fencing, the first attempt is a plain `SET NX PX`
@@ -27,21 +72,21 @@ use deadpool_redis::redis::Script;
 /// new holder in our process): the lease is reset and the attempt succeeds, with a fresh
 /// fencing token so that each holder's is larger than its predecessor's.
 pub(super) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    fenced_script(
         r#"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[4] == '1' and redis.call('GET', KEYS[3]) == ARGV[1] then
     redis.call('DEL', KEYS[3])
   end
   if ARGV[3] == '1' then
-    return {1, redis.call('INCR', KEYS[2])}
+    return {1, take_fence(KEYS[2], ARGV[5])}
   end
   return {1}
 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   if ARGV[3] == '1' then
-    return {1, redis.call('INCR', KEYS[2])}
+    return {1, take_fence(KEYS[2], ARGV[5])}
   end
   return {1}
 end
@@ -115,8 +160,8 @@ return 0
 ///
 /// `grant_next` gives the free lock to the first entry whose deadline has not passed,
 /// dropping the expired ones in front of it: the lock's value becomes that waiter's token,
-/// with its own lease and (with fencing) a fresh fencing token from the same `INCR` the
-/// acquire script uses, and the grant is published on the release channel as
+/// with its own lease and (with fencing, when `fence_retention` is given) a fresh fencing
+/// token from [`FENCE_LUA`]'s `take_fence`, as the acquire script takes it, and the grant is published on the release channel as
 /// `<token> <server time ms> [<fencing token>]`, unless the grantee is the caller itself.
 /// Returns the grantee's token and fencing token, or nothing when the line is empty.
 macro_rules! fair_prelude {
@@ -131,7 +176,7 @@ local function clock()
   end
   return now
 end
-local function grant_next(fencing, caller)
+local function grant_next(fence_retention, caller)
   local popped = false
   while true do
     local entry = redis.call('LPOP', queue)
@@ -149,8 +194,8 @@ local function grant_next(fencing, caller)
     if deadline and deadline > clock() then
       redis.call('SET', lock, waiter, 'PX', lease)
       local fenced = nil
-      if fencing then
-        fenced = redis.call('INCR', fence)
+      if fence_retention then
+        fenced = take_fence(fence, fence_retention)
       end
       if waiter ~= caller then
         local message = waiter .. ' ' .. clock()
@@ -170,7 +215,7 @@ end
 /// Fair mode's acquire (uncontended: `EXISTS` on the line, then `SET NX PX`). `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` queue,
 /// `KEYS[4]` timeouts, `KEYS[5]` release channel; `ARGV[1]` token, `ARGV[2]` lease in ms,
 /// `ARGV[3]` `1` to take a fencing token, `ARGV[4]` how long the entry stays valid, in ms
-/// (the waiter's remaining wait plus a margin).
+/// (the waiter's remaining wait plus a margin), `ARGV[5]` the fence retention in ms.
 ///
 /// Returns `{1}` (or `{1, fencing token}`) when the token holds the lock: it was granted
 /// to it (the lease is reset and, with fencing, a new token taken, as the acquire script
@@ -180,13 +225,14 @@ end
 /// joins the back of the line, or keeps its place, its deadline renewed, and the reply is
 /// `{0, pttl, server time ms}`: a grant published before that time is not this wait's.
 pub(super) static FAIR_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
+    fenced_script(concat!(
         fair_prelude!(),
         r#"
 local token, fencing = ARGV[1], ARGV[3] == '1'
+local fence_retention = fencing and ARGV[5]
 if redis.call('EXISTS', queue) == 0 and redis.call('SET', lock, token, 'NX', 'PX', ARGV[2]) then
   if fencing then
-    return {1, redis.call('INCR', fence)}
+    return {1, take_fence(fence, fence_retention)}
   end
   return {1}
 end
@@ -194,16 +240,16 @@ local holder = redis.call('GET', lock)
 if holder == token then
   redis.call('PEXPIRE', lock, ARGV[2])
   if fencing then
-    return {1, redis.call('INCR', fence)}
+    return {1, take_fence(fence, fence_retention)}
   end
   return {1}
 end
 if not holder then
-  local granted, fenced = grant_next(fencing, token)
+  local granted, fenced = grant_next(fence_retention, token)
   if not granted then
     redis.call('SET', lock, token, 'PX', ARGV[2])
     if fencing then
-      return {1, redis.call('INCR', fence)}
+      return {1, take_fence(fence, fence_retention)}
     end
     return {1}
   end
@@ -232,7 +278,7 @@ return {0, redis.call('PTTL', lock), clock()}
 
 /// Fair mode's release, which is also a waiter's cancellation. `KEYS[1..5]` as for
 /// [`FAIR_ACQUIRE`], `KEYS[6]` the waiter mark; `ARGV[1]` token, `ARGV[2]` `1` with
-/// fencing.
+/// fencing, `ARGV[3]` the fence retention in ms.
 ///
 /// Takes the token's entry out of the line if it has one (a waiter that gave up or was
 /// dropped). Then, if the token holds the lock (a holder's release, or a grant that
@@ -240,7 +286,7 @@ return {0, redis.call('PTTL', lock), clock()}
 /// line, deletes it and wakes waiters of other modes as [`RELEASE`] does. Returns
 /// `{was held, granted}`.
 pub(super) static FAIR_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
+    fenced_script(concat!(
         fair_prelude!(),
         r#"
 local token = ARGV[1]
@@ -256,7 +302,7 @@ end
 if redis.call('GET', lock) ~= token then
   return {0, 0}
 end
-if grant_next(ARGV[2] == '1', nil) then
+if grant_next(ARGV[2] == '1' and ARGV[3], nil) then
   return {1, 1}
 end
 if redis.call('DEL', lock, KEYS[6]) == 2 then

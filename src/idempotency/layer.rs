@@ -75,7 +75,7 @@ pub(super) struct Config {
 ///
 /// Works on axum's `Body`; put it on the routes that need it, outside their `LockLayer`.
 /// Give it a backend with fencing off: a fencing counter would be left behind for every
-/// idempotency key.
+/// idempotency key, for the fence retention.
 ///
 /// # Example
 ///

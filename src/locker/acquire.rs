@@ -52,6 +52,9 @@ const STEP_ASIDE: Duration = Duration::from_millis(5);
 pub(crate) struct Acquired<B: LockBackend> {
     pub(crate) guard: LockGuard<B>,
     pub(crate) held: Held,
+    /// Whether the lock was not free at once: the wait met another holder (refused in
+    /// the backend, queued behind a request of this process, or handed the lock).
+    pub(crate) contended: bool,
 }
 
 /// Why the wait ended without the lock.
@@ -78,8 +81,8 @@ pub(crate) async fn acquire<B: LockBackend>(
         let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
         return from_backend(guard, policy, deadline, None).await;
     };
-    let turn = match queues.enter(&key) {
-        Entry::Turn(turn) => turn,
+    let (turn, queued) = match queues.enter(&key) {
+        Entry::Turn(turn) => (turn, false),
         Entry::Queued(place) => match place.wait(deadline).await {
             Some(Grant::HandOff(offer)) => return take_over(offer, policy, deadline).await,
             Some(Grant::Turn { turn, step_aside }) => {
@@ -94,7 +97,7 @@ pub(crate) async fn acquire<B: LockBackend>(
                     let pause = pause.min(deadline.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
                 }
-                turn
+                (turn, true)
             }
             // The holder is here; its lease is unknown to us.
             None => return Err(AcquireError::Contended { remaining: None }),
@@ -102,7 +105,8 @@ pub(crate) async fn acquire<B: LockBackend>(
     };
     // On failure the unused turn passes to the next in line as it drops.
     let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
-    let acquired = from_backend(guard, policy, deadline, Some(queues)).await?;
+    let mut acquired = from_backend(guard, policy, deadline, Some(queues)).await?;
+    acquired.contended |= queued;
     if backend::fair::is_fair(acquired.guard.backend()) {
         turn.used_fairly();
     } else {
@@ -151,7 +155,12 @@ async fn from_backend<B: LockBackend>(
                 let (key, token) = (guard.key().clone(), guard.token());
                 let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
                 guard.acquired(&held, queue);
-                return Ok(Acquired { guard, held });
+                let contended = attempt > 0;
+                return Ok(Acquired {
+                    guard,
+                    held,
+                    contended,
+                });
             }
             Ok(Acquire::Held { remaining }) => {
                 if !in_doubt {
@@ -210,14 +219,22 @@ async fn take_over<B: LockBackend>(
     if policy.renews && !fenced && lease_left > policy.ttl * 2 / 3 {
         let held = Held::with_deadline(key, token, None, lease_deadline);
         guard.acquired(&held, None);
-        return Ok(Acquired { guard, held });
+        return Ok(Acquired {
+            guard,
+            held,
+            contended: true,
+        });
     }
     // The token holds the lock (or did): straight to the backend's full attempt.
     match backend::attempt(guard.backend(), &key, token, policy.ttl, true).await {
         Ok(Acquire::Acquired { fencing_token }) => {
             let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
             guard.acquired(&held, None);
-            Ok(Acquired { guard, held })
+            Ok(Acquired {
+                guard,
+                held,
+                contended: true,
+            })
         }
         // The lease ran out on the way and someone else has the lock now: ask for it
         // like the first in line, with a token of our own, if time is left (the take-over
@@ -231,7 +248,8 @@ async fn take_over<B: LockBackend>(
                 return Err(AcquireError::Contended { remaining });
             }
             let fresh = LockGuard::disarmed(backend, key, Uuid::new_v4());
-            let acquired = from_backend(fresh, policy, deadline, Some(queue)).await?;
+            let mut acquired = from_backend(fresh, policy, deadline, Some(queue)).await?;
+            acquired.contended = true;
             if backend::fair::is_fair(acquired.guard.backend()) {
                 turn.used_fairly();
             } else {
@@ -251,7 +269,9 @@ async fn take_over<B: LockBackend>(
             if !guard.backend().retry_with_same_token() {
                 guard.new_token();
             }
-            from_backend(guard, policy, deadline, None).await
+            let mut acquired = from_backend(guard, policy, deadline, None).await?;
+            acquired.contended = true;
+            Ok(acquired)
         }
     }
 }

@@ -32,6 +32,8 @@ pub(super) async fn from_line<B: LockBackend>(
     deadline: Instant,
     queue: Option<Arc<LockLine<B>>>,
 ) -> Result<Acquired<B>, AcquireError> {
+    // Whether an attempt was refused (or failed) before: for the hot-key count.
+    let mut contended = false;
     loop {
         let sent = Instant::now();
         let epoch = fair::epoch(guard.backend(), guard.key());
@@ -47,7 +49,14 @@ pub(super) async fn from_line<B: LockBackend>(
         .await;
         let (remaining, refused_at) = match outcome {
             Ok((Acquire::Acquired { fencing_token }, _)) => {
-                return Ok(acquired(guard, fencing_token, sent, policy, queue));
+                return Ok(acquired(
+                    guard,
+                    fencing_token,
+                    sent,
+                    policy,
+                    queue,
+                    contended,
+                ));
             }
             Ok((Acquire::Held { remaining }, refused_at)) => {
                 if Instant::now() >= deadline {
@@ -78,8 +87,9 @@ pub(super) async fn from_line<B: LockBackend>(
         if let Some(fencing_token) = granted {
             // The grant came after the refusal, which came after `sent`: the lease runs
             // from `sent` at the earliest. No round trip to confirm it.
-            return Ok(acquired(guard, fencing_token, sent, policy, queue));
+            return Ok(acquired(guard, fencing_token, sent, policy, queue, true));
         }
+        contended = true;
     }
 }
 
@@ -105,11 +115,16 @@ fn acquired<B: LockBackend>(
     lease_start: Instant,
     policy: WaitPolicy,
     queue: Option<Arc<LockLine<B>>>,
+    contended: bool,
 ) -> Acquired<B> {
     let (key, token) = (guard.key().clone(), guard.token());
     let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
     guard.acquired(&held, queue);
-    Acquired { guard, held }
+    Acquired {
+        guard,
+        held,
+        contended,
+    }
 }
 
 #[cfg(test)]

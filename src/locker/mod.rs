@@ -26,7 +26,7 @@ pub(crate) use self::owned::RequestLocks;
 pub(crate) use self::{
     acquire::Acquired,
     guard::{LockGuard, ReleaseOutcome},
-    settings::LockSettings,
+    settings::{LockSettings, MetricsClass},
     watchdog::{Loss, Watchdog, loss_on_release, note_loss},
 };
 use self::{
@@ -38,6 +38,7 @@ use self::{
 use crate::{
     backend::{FairBackend, LockBackend},
     held::Held,
+    hot_keys::HotKey,
     key::{LockKey, MakeLockKey},
     line::Line,
     middleware::LockLayer,
@@ -152,7 +153,7 @@ impl<Backend: LockBackend> Locker<Backend> {
             observe::outcome(self.class(), Outcome::AlreadyHeld);
             return Err(LockRejection::AlreadyHeld);
         }
-        let Acquired { guard, held } = self.acquire(key).await?;
+        let Acquired { guard, held, .. } = self.acquire(key).await?;
         let renews = self.settings.renew_every().is_some();
         // No future of ours wraps the caller's work, so the watchdog gets a task of its
         // own, started when the first renewal is due: most locks are released before.
@@ -175,7 +176,7 @@ impl<Backend: LockBackend> Locker<Backend> {
             self.class().clone(),
             watchdog,
             request,
-            self.settings.release_timeout,
+            self.settings.clone(),
         ))
     }
 
@@ -183,6 +184,8 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// wait ended: the bookkeeping both faces share.
     pub(crate) async fn acquire(&self, key: LockKey) -> Result<Acquired<Backend>, LockRejection> {
         let started = tokio::time::Instant::now();
+        // For the hot keys, should the wait end contended (a reference count).
+        let asked = key.clone();
         let wait = acquire(
             self.backend.clone(),
             key,
@@ -193,14 +196,52 @@ impl<Backend: LockBackend> Locker<Backend> {
             Ok(acquired) => {
                 observe::outcome(self.class(), Outcome::Acquired);
                 observe::waited(self.class(), started.elapsed());
+                if acquired.contended {
+                    let hot_keys = &self.settings.observed.hot_keys;
+                    hot_keys.contended(self.class(), acquired.held.key());
+                }
                 Ok(acquired)
             }
             Err(err) => {
                 let rejection = self.settings.rejection(err);
                 observe::outcome(self.class(), rejection.outcome());
+                if let LockRejection::Contended { .. } = rejection {
+                    let hot_keys = &self.settings.observed.hot_keys;
+                    hot_keys.contended(self.class(), &asked);
+                }
                 Err(rejection)
             }
         }
+    }
+
+    /// Records a hold of `hold` that just ended: its histogram, and what it says about
+    /// the ttl (`ttl_advice`).
+    pub(crate) fn held_for(&self, hold: std::time::Duration) {
+        hold_ended(&self.settings, hold);
+    }
+
+    /// The most contended keys of this locker (and of its clones and layers) since it
+    /// was made, the most contended first: at most as many as
+    /// [`track_hot_keys`](Self::track_hot_keys) says (10 by default).
+    ///
+    /// A key counts once for each acquisition of it that met contention: one that waited
+    /// (refused by the backend, or queued behind a request of this process) or ended
+    /// contended (409). Uncontended acquisitions are not counted and cost nothing here.
+    /// The counts come from a space-saving sketch in constant memory: every key
+    /// contended more than `n / k` times out of `n` (k keys tracked) is listed, and each
+    /// count is at most [`HotKey::overcount`] above the true one. With the `metrics`
+    /// feature the same keys are the gauge `lock_hot_key_contentions{class, key}`, set to
+    /// 0 when a key drops out.
+    pub fn hot_keys(&self) -> Vec<HotKey> {
+        self.settings.observed.hot_keys.top()
+    }
+
+    /// Tracks the `k` most contended keys for [`hot_keys`](Self::hot_keys) and the
+    /// `lock_hot_key_contentions` gauge (default 10; 0 turns it off). Memory is
+    /// constant: `k` counters. Starts the count afresh.
+    pub fn track_hot_keys(mut self, k: usize) -> Self {
+        self.settings_mut().set_hot_keys(k);
+        self
     }
 
     /// A watchdog for a lock just taken: it renews the lease (unless renewal is off) and
@@ -294,7 +335,8 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// The `class` label of these locks' metrics (default: the key prefix without its
     /// trailing `:`, or `default`). Locks are never labelled by key.
     pub fn metrics_class(mut self, class: impl Into<Arc<str>>) -> Self {
-        self.settings_mut().set_class(class.into());
+        self.settings_mut()
+            .set_class(MetricsClass::Named(class.into()));
         self
     }
 
@@ -434,5 +476,17 @@ impl<Backend: LockBackend + fmt::Debug> fmt::Debug for Locker<Backend> {
             .field("settings", &self.settings)
             .field("local_line", &self.line.is_some())
             .finish()
+    }
+}
+
+/// The bookkeeping of a hold that ended, under `settings`: the hold-time histogram, and
+/// the ttl advice (a gauge, and a warning when the ttl looks wrong for the work).
+pub(crate) fn hold_ended(settings: &LockSettings, hold: std::time::Duration) {
+    let class = settings.class();
+    observe::held(class, hold);
+    let renew_every = settings.renew_every();
+    let advice = &settings.observed.ttl;
+    if let Some(verdict) = advice.hold(hold, settings.ttl, renew_every) {
+        observe::ttl_verdict(class, advice, verdict, settings.ttl, renew_every);
     }
 }

@@ -7,11 +7,13 @@ use std::{
 };
 
 use super::{
+    LockSettings,
     guard::LockGuard,
+    hold_ended,
     renewals::{Pending, Renewals},
     watchdog::{loss_on_release, note_loss},
 };
-use crate::{backend::LockBackend, held::Held, key::LockKey, observe};
+use crate::{backend::LockBackend, held::Held, key::LockKey};
 
 /// Keys held by one request: its layer's lock and those its `OwnedLock`s still hold.
 #[derive(Debug, Default)]
@@ -47,7 +49,8 @@ pub struct OwnedLock<Backend: LockBackend> {
     class: Arc<str>,
     watchdog: Option<Watchdog<Backend>>,
     request: Option<Arc<RequestLocks>>,
-    release_timeout: std::time::Duration,
+    /// Its locker's settings: the release timeout, the hold bookkeeping.
+    settings: Arc<LockSettings>,
 }
 
 /// The lock's watchdog, queued or running, and the queue it belongs to.
@@ -60,7 +63,7 @@ impl<Backend: LockBackend> OwnedLock<Backend> {
         class: Arc<str>,
         watchdog: Option<Watchdog<Backend>>,
         request: Option<Arc<RequestLocks>>,
-        release_timeout: std::time::Duration,
+        settings: Arc<LockSettings>,
     ) -> Self {
         Self {
             guard: Some(guard),
@@ -68,7 +71,7 @@ impl<Backend: LockBackend> OwnedLock<Backend> {
             class,
             watchdog,
             request,
-            release_timeout,
+            settings,
         }
     }
 
@@ -86,7 +89,7 @@ impl<Backend: LockBackend> OwnedLock<Backend> {
         let ran_out = self.held.is_lost();
         self.stop();
         if let Some(guard) = self.guard.take() {
-            let outcome = guard.release(self.release_timeout).await;
+            let outcome = guard.release(self.settings.release_timeout).await;
             if let Some(loss) = loss_on_release(outcome, ran_out) {
                 note_loss(&self.held, &self.class, loss);
             }
@@ -96,7 +99,7 @@ impl<Backend: LockBackend> OwnedLock<Backend> {
     /// Stops renewing and forgets the key in its request's set.
     fn stop(&mut self) {
         if self.guard.is_some() {
-            observe::held(&self.class, self.held.acquired_at().elapsed());
+            hold_ended(&self.settings, self.held.acquired_at().elapsed());
         }
         if let Some((renewals, watchdog)) = self.watchdog.take() {
             watchdog.stop(&renewals);

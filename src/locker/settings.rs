@@ -7,8 +7,10 @@ use http::StatusCode;
 
 use super::acquire::{AcquireError, Backoff, WaitPolicy};
 use crate::{
+    hot_keys::DEFAULT_HOT_KEYS,
     key::LockKey,
     kind::LockKind,
+    observe::Observed,
     rejection::{InvalidKey, LockRejection},
 };
 
@@ -99,6 +101,10 @@ pub(crate) struct LockSettings {
     /// The kind of lock when not exclusive (`permits`, `read`, `write`): appended to the
     /// metrics class, so that the modes of one route count apart.
     pub(crate) kind: Option<LockKind>,
+    /// How many hot keys to track.
+    pub(crate) hot_keys: usize,
+    /// Hot keys and hold times, for this class.
+    pub(crate) observed: Arc<Observed>,
 }
 
 impl Default for LockSettings {
@@ -115,6 +121,8 @@ impl Default for LockSettings {
             release_timeout: DEFAULT_RELEASE_TIMEOUT,
             renewal: Renewal::Auto,
             kind: None,
+            hot_keys: DEFAULT_HOT_KEYS,
+            observed: Observed::new(DEFAULT_HOT_KEYS),
         }
     }
 }
@@ -122,24 +130,35 @@ impl Default for LockSettings {
 impl LockSettings {
     pub(crate) fn set_key_prefix(&mut self, prefix: Arc<str>) {
         if let MetricsClass::FromPrefix(_) = self.class {
-            self.class = MetricsClass::from_prefix(&prefix).with_kind(self.kind);
+            self.set_class(MetricsClass::from_prefix(&prefix));
         }
         self.key_prefix = prefix;
     }
 
-    /// Names the metrics class (with the kind appended, for a kind other than exclusive).
-    pub(crate) fn set_class(&mut self, class: Arc<str>) {
-        self.class = MetricsClass::Named(class).with_kind(self.kind);
+    /// Names the metrics class (with the kind appended, for a kind other than exclusive);
+    /// a new class starts with nothing observed.
+    pub(crate) fn set_class(&mut self, class: MetricsClass) {
+        let class = class.with_kind(self.kind);
+        if class != self.class {
+            self.observed = Observed::new(self.hot_keys);
+        }
+        self.class = class;
     }
 
     /// Makes these the settings of a kind of lock other than exclusive: `class:kind`.
     pub(crate) fn set_kind(&mut self, kind: LockKind) {
         self.kind = Some(kind);
-        self.class = match &self.class {
+        let class = match &self.class {
             MetricsClass::FromPrefix(_) => MetricsClass::from_prefix(&self.key_prefix),
             MetricsClass::Named(class) => MetricsClass::Named(class.clone()),
-        }
-        .with_kind(self.kind);
+        };
+        self.set_class(class);
+    }
+
+    /// Tracks the `capacity` most contended keys, starting afresh.
+    pub(crate) fn set_hot_keys(&mut self, capacity: usize) {
+        self.hot_keys = capacity;
+        self.observed = Observed::new(capacity);
     }
 
     /// The metrics label of these locks.

@@ -169,7 +169,7 @@ where
                             .record("wait_ms", started.elapsed().as_secs_f64() * 1e3);
                     }
                     let next = match outcome {
-                        Ok(Acquired { guard, held }) => {
+                        Ok(Acquired { guard, held, .. }) => {
                             this.span.record("outcome", Outcome::Acquired.as_str());
                             let watchdog = Some(locker.watchdog(&held));
                             request.extensions_mut().insert(held.clone());
@@ -234,7 +234,7 @@ where
                     // A handler that blocked its thread past the lease and finished in
                     // the same poll got past the watchdog: look at the deadline now.
                     let ran_out = held.is_lost();
-                    observe::held(locker.class(), held.acquired_at().elapsed());
+                    locker.held_for(held.acquired_at().elapsed());
                     let guard = guard.take().expect("polled after completion");
                     let timeout = locker.settings().release_timeout;
                     let release = Box::pin(guard.release(timeout));
@@ -300,7 +300,7 @@ fn watch_lease<Backend: LockBackend>(
     if settings.loss_policy != LossPolicy::Abort {
         return None;
     }
-    observe::held(locker.class(), held.acquired_at().elapsed());
+    locker.held_for(held.acquired_at().elapsed());
     Some(LayerSettings::loss(loss, locker.settings().retry_after_cap))
 }
 

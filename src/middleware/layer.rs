@@ -185,6 +185,11 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
         &self.locker
     }
 
+    /// The most contended keys of this layer's locker: see [`Locker::hot_keys`].
+    pub fn hot_keys(&self) -> Vec<crate::HotKey> {
+        self.locker.hot_keys()
+    }
+
     /// How many keys this layer's requests hold or wait for in this process right now;
     /// see [`Locker::keys_in_use`].
     pub fn keys_in_use(&self) -> usize {
@@ -223,6 +228,11 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
     /// Sets the metrics label: see [`Locker::metrics_class`].
     pub fn metrics_class(self, class: impl Into<Arc<str>>) -> Self {
         self.map_locker(|locker| locker.metrics_class(class))
+    }
+
+    /// How many hot keys to track: see [`Locker::track_hot_keys`].
+    pub fn track_hot_keys(self, k: usize) -> Self {
+        self.map_locker(|locker| locker.track_hot_keys(k))
     }
 
     /// Sets the longest key: see [`Locker::max_key_len`] (default 512 bytes).

@@ -79,7 +79,6 @@ impl InMemoryBackend {
         entry_for: Duration,
     ) -> Acquire {
         let now = Instant::now();
-        let fencing = self.fencing;
         let granted = self.with_locks(|locks| {
             let holder = locks
                 .held
@@ -88,14 +87,14 @@ impl InMemoryBackend {
                 .map(|lease| lease.token);
             if holder == Some(token) {
                 locks.held.insert(key.clone(), lease(token, now, ttl));
-                return Ok(fence(locks, key, fencing));
+                return Ok(self.fence(locks, key));
             }
             let mut woke = false;
             if holder.is_none() {
-                match grant_next(locks, key, now, fencing) {
+                match grant_next(self, locks, key, now) {
                     None => {
                         locks.held.insert(key.clone(), lease(token, now, ttl));
-                        return Ok(fence(locks, key, fencing));
+                        return Ok(self.fence(locks, key));
                     }
                     Some((grantee, fenced)) if grantee == token => return Ok(fenced),
                     Some(_) => woke = true,
@@ -132,7 +131,6 @@ impl InMemoryBackend {
     /// `scripts::FAIR_RELEASE`.
     pub(super) fn fair_release(&self, key: &LockKey, token: Uuid) -> Released {
         let now = Instant::now();
-        let fencing = self.fencing;
         let (released, granted) = self.with_locks(|locks| {
             if let Some(line) = locks.lines.get_mut(key) {
                 line.retain(|waiting| waiting.token != token);
@@ -144,7 +142,7 @@ impl InMemoryBackend {
                 Some(lease) if lease.token == token => {
                     let was_held = lease.expires_at > now;
                     locks.held.remove(key);
-                    let granted = grant_next(locks, key, now, fencing).is_some();
+                    let granted = grant_next(self, locks, key, now).is_some();
                     (Released::new(was_held), granted)
                 }
                 _ => (Released::default(), false),
@@ -169,22 +167,13 @@ fn lease(token: Uuid, now: Instant, ttl: Duration) -> Lease {
     }
 }
 
-/// A new fencing token for `key`, when fencing is on.
-fn fence(locks: &mut Locks, key: &LockKey, fencing: bool) -> Option<u64> {
-    fencing.then(|| {
-        let counter = locks.fences.entry(key.clone()).or_default();
-        *counter += 1;
-        *counter
-    })
-}
-
 /// Gives the free lock to the first live waiter in `key`'s line, dropping expired ones;
 /// the grantee and its fencing token, or `None` when the line is empty (and gone).
 fn grant_next(
+    backend: &InMemoryBackend,
     locks: &mut Locks,
     key: &LockKey,
     now: Instant,
-    fencing: bool,
 ) -> Option<(Uuid, Option<u64>)> {
     let line = locks.lines.get_mut(key)?;
     let mut grantee = None;
@@ -201,5 +190,5 @@ fn grant_next(
     locks
         .held
         .insert(key.clone(), lease(waiting.token, now, waiting.ttl));
-    Some((waiting.token, fence(locks, key, fencing)))
+    Some((waiting.token, backend.fence(locks, key)))
 }

@@ -45,7 +45,8 @@ impl RedisBackend {
         cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
             .arg(lease_millis(ttl))
             .arg(if fencing { "1" } else { "0" })
-            .arg(lease_millis(entry_for));
+            .arg(lease_millis(entry_for))
+            .arg(self.config.fence_retention_ms);
         let reply: Vec<i64> = self.query(&cmd, Some(&FAIR_ACQUIRE)).await?;
         match reply.as_slice() {
             [1] if !fencing => Ok((
@@ -86,7 +87,8 @@ impl RedisBackend {
             &[fence, queue, timeouts, released, ":waiters"],
         );
         cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
-            .arg(if self.config.fencing { "1" } else { "0" });
+            .arg(if self.config.fencing { "1" } else { "0" })
+            .arg(self.config.fence_retention_ms);
         let (was_held, _granted): (i64, i64) = self.query(&cmd, Some(&FAIR_RELEASE)).await?;
         // A grant tells its grantee itself; nobody else needs to step aside or be told.
         Ok(Released::new(was_held == 1))

@@ -79,7 +79,8 @@ impl RedisBackend {
                 cmd.arg(token)
                     .arg(lease)
                     .arg(if fencing { "1" } else { "0" })
-                    .arg(WRITER_WAITING_MS);
+                    .arg(WRITER_WAITING_MS)
+                    .arg(self.config.fence_retention_ms);
                 (&WRITE_ACQUIRE, cmd, fencing)
             }
         };
