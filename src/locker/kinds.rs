@@ -22,7 +22,9 @@ impl<Backend: LockBackend> Locker<Backend> {
     ///
     /// When the backend does not take holds of `kind` ([`LockBackend::supports`]):
     /// [`RedlockBackend`](crate::RedlockBackend) and backends of your own that do not
-    /// say otherwise take exclusive locks only.
+    /// say otherwise take exclusive locks only. Also when the locker is in fair mode
+    /// ([`fair`](Self::fair)) and `kind` is not exclusive: the line in the backend is the
+    /// exclusive lock's, and its grants would not reach shares, writers or key sets.
     pub fn kind(self, kind: LockKind) -> Locker<KindBackend<Backend>> {
         let Locker {
             backend,
@@ -32,6 +34,11 @@ impl<Backend: LockBackend> Locker<Backend> {
             #[cfg(feature = "axum")]
             request,
         } = self;
+        assert!(
+            kind == LockKind::Exclusive || !crate::backend::fair::is_fair(&backend),
+            "fair mode takes exclusive locks only: build the {} locker without .fair(true)",
+            kind.name()
+        );
         let backend = KindBackend::new(backend, kind);
         Arc::make_mut(&mut settings).set_kind(kind);
         let line = match kind {
@@ -151,6 +158,12 @@ mod tests {
         assert!(locker.line.is_none());
         let locker = Locker::new(InMemoryBackend::new()).write();
         assert!(locker.line.is_some());
+    }
+
+    #[test]
+    #[should_panic(expected = "fair mode takes exclusive locks only")]
+    fn fair_mode_is_refused_for_other_kinds() {
+        let _ = Locker::new(InMemoryBackend::new()).fair(true).permits(2);
     }
 
     #[test]
