@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Checks examples/monitoring/: the Prometheus rules with `promtool check rules`, and their
+# Checks examples/flash_sale/ops/: the Prometheus rules with `promtool check rules`, and their
 # unit tests with `promtool test rules` (installs Debian's `prometheus` package for it when
 # missing, as scripts/test.sh does redis-server; skips both, saying so, when it cannot),
 # the Grafana dashboard as JSON, and that every metric either queries is one the crate
 # records (README's metrics table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dir=examples/monitoring
+dir=examples/flash_sale/ops
 rules=$dir/prometheus-rules.yml
 dashboard=$dir/grafana-dashboard.json
 

@@ -22,7 +22,7 @@ mod app;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 /// Buckets of the lock's wait and hold histograms, in seconds: what the dashboard and the
-/// rules in `examples/monitoring/` read (`_bucket` series; summaries otherwise).
+/// rules in `examples/flash_sale/ops/` read (`_bucket` series; summaries otherwise).
 const SECONDS_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
