@@ -112,6 +112,11 @@ mod observe;
 mod policy;
 mod rejection;
 
+#[cfg(fuzzing)]
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
+
 #[cfg(feature = "axum")]
 mod extract;
 
