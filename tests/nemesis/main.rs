@@ -319,29 +319,56 @@ struct Targets {
     phases: Vec<Phase>,
 }
 
+/// One fault of the schedule.
+struct Fault {
+    name: &'static str,
+    /// Whether README documents it as able to let a second holder in.
+    expected_overlaps: bool,
+    /// The instance it freezes, if any.
+    paused_instance: Option<usize>,
+    /// An instance made to hold every key (600 ms sections) when the fault strikes, so
+    /// that it hits held locks and not only the gaps between short sections.
+    holder: Option<usize>,
+    /// How long the fault lasts.
+    hold: Duration,
+}
+
 impl Targets {
-    /// Runs one fault: `apply`, `hold` it, `clear`, then a recovery of 1.5 leases that
+    /// Runs one fault: `apply`, hold it, `clear`, then a recovery of 1.5 leases that
     /// still belongs to the phase.
     async fn phase(
         &mut self,
-        name: &str,
-        expected_overlaps: bool,
-        paused_instance: Option<usize>,
-        hold: Duration,
+        fault: Fault,
         apply: impl FnOnce(&mut Self),
         clear: impl FnOnce(&mut Self),
     ) {
         let start = monotonic_ns();
+        let held: Vec<_> = match fault.holder {
+            Some(instance) => KEYS
+                .iter()
+                .map(|key| {
+                    let url = format!("{}/work/{key}?ms=600", self.instances[instance].url);
+                    tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        if fault.holder.is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         apply(self);
-        tokio::time::sleep(hold).await;
+        tokio::time::sleep(fault.hold).await;
         clear(self);
         self.phases.push(Phase {
-            name: name.to_owned(),
+            name: fault.name.to_owned(),
             start,
             end: monotonic_ns(),
-            expected_overlaps,
-            paused_instance,
+            expected_overlaps: fault.expected_overlaps,
+            paused_instance: fault.paused_instance,
         });
+        for request in held {
+            let _ = request.await;
+        }
         tokio::time::sleep(TTL * 3 / 2).await;
     }
 }
@@ -395,47 +422,53 @@ async fn nemesis_schedule_verdicts() {
         phases: Vec::new(),
     };
 
-    let s = Duration::from_secs;
     let ms = Duration::from_millis;
+    let fault = |name, hold| Fault {
+        name,
+        expected_overlaps: false,
+        paused_instance: None,
+        holder: None,
+        hold,
+    };
     let nothing = |_: &mut Targets| {};
     targets
-        .phase("none (baseline)", false, None, s(2), nothing, nothing)
+        .phase(fault("none (baseline)", ms(2000)), nothing, nothing)
         .await;
     targets
         .phase(
-            "Redis paused (SIGSTOP) 2.5 s, past the 1 s lease",
-            false,
-            None,
-            ms(2500),
+            Fault {
+                holder: Some(1),
+                ..fault("Redis paused (SIGSTOP) 2.5 s, past the 1 s lease", ms(2500))
+            },
             |t| t.redis.pause(),
             |t| t.redis.resume(),
         )
         .await;
     targets
         .phase(
-            "Redis killed, restarted with AOF (appendfsync always)",
-            false,
-            None,
-            ms(300),
+            Fault {
+                holder: Some(1),
+                ..fault(
+                    "Redis killed mid-hold, restarted with AOF (appendfsync always)",
+                    ms(50),
+                )
+            },
             |t| t.redis.kill(),
             |t| t.redis.restart(),
         )
         .await;
     targets
         .phase(
-            "proxy: every reply 300 ms late",
-            false,
-            None,
-            s(2),
+            fault("proxy: every reply 300 ms late", ms(2000)),
             |t| t.proxies.iter().for_each(|p| p.delay_replies(ms(300))),
             |t| t.proxies.iter().for_each(|p| p.delay_replies(ms(0))),
         )
         .await;
+    // Replies dropped mid-script: every 100 ms the next request through each proxy runs
+    // on the server and its connection is cut before the reply gets back.
     {
-        // Replies dropped mid-script: every 100 ms the next request through each proxy
-        // runs on the server and its connection is cut before the reply gets back.
         let start = monotonic_ns();
-        let deadline = Instant::now() + s(2);
+        let deadline = Instant::now() + ms(2000);
         while Instant::now() < deadline {
             targets.proxies.iter().for_each(Proxy::drop_next_reply);
             tokio::time::sleep(ms(100)).await;
@@ -451,64 +484,51 @@ async fn nemesis_schedule_verdicts() {
     }
     targets
         .phase(
-            "proxy: instance 0's connections stalled 3 s (not closed)",
-            false,
-            None,
-            ms(1500),
-            |t| t.proxies[0].delay_replies(s(3)),
+            fault(
+                "proxy: instance 0's connections stalled 3 s (not closed)",
+                ms(1500),
+            ),
+            |t| t.proxies[0].delay_replies(ms(3000)),
             |t| t.proxies[0].delay_replies(ms(0)),
         )
         .await;
-    {
-        // Kleppmann's pause: instance 0 is made to hold every key (300 ms sections), then
-        // frozen past its lease. The others take the keys meanwhile; when it wakes, its
-        // handlers (which write whatever happened) present stale tokens to the store.
-        let start = monotonic_ns();
-        let url = targets.instances[0].url.clone();
-        let held: Vec<_> = KEYS
-            .iter()
-            .map(|key| {
-                let url = format!("{url}/work/{key}?ms=300");
-                tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
-            })
-            .collect();
-        tokio::time::sleep(ms(100)).await;
-        let pid = targets.instances[0].child.id();
-        signal(pid, "STOP");
-        tokio::time::sleep(ms(2500)).await;
-        signal(pid, "CONT");
-        targets.phases.push(Phase {
-            name: "app instance 0 paused (SIGSTOP) 2.5 s, past its lease".into(),
-            start,
-            end: monotonic_ns(),
-            expected_overlaps: false,
-            paused_instance: Some(0),
-        });
-        for request in held {
-            let _ = request.await;
-        }
-        tokio::time::sleep(TTL * 3 / 2).await;
-    }
+    // Kleppmann's pause: instance 0 holds every key, then freezes past its lease. The
+    // others take the keys meanwhile; when it wakes, its handlers (which write whatever
+    // happened) present stale tokens to the store.
     targets
         .phase(
-            "clients disconnect after 15 ms, mid-section",
-            false,
-            None,
-            s(2),
+            Fault {
+                paused_instance: Some(0),
+                holder: Some(0),
+                ..fault(
+                    "app instance 0 paused (SIGSTOP) 2.5 s mid-hold, past its lease",
+                    ms(2500),
+                )
+            },
+            |t| signal(t.instances[0].child.id(), "STOP"),
+            |t| signal(t.instances[0].child.id(), "CONT"),
+        )
+        .await;
+    targets
+        .phase(
+            fault("clients disconnect after 15 ms, mid-section", ms(2000)),
             |t| t.disconnect.store(true, Ordering::Relaxed),
             |t| t.disconnect.store(false, Ordering::Relaxed),
         )
         .await;
-
     // Last: the fencing counter restarts too, so from here on the store refuses every
     // write until the counter passes the tokens it saw (what README says of fencing
     // without persistence); earlier, that would hide the other phases' writes.
     targets
         .phase(
-            "Redis killed, restarted empty (no persistence)",
-            true,
-            None,
-            ms(300),
+            Fault {
+                expected_overlaps: true,
+                holder: Some(1),
+                ..fault(
+                    "Redis killed mid-hold, restarted empty (no persistence)",
+                    ms(50),
+                )
+            },
             |t| {
                 t.redis.kill();
                 empty_dir(&t.redis_dir);
@@ -516,6 +536,7 @@ async fn nemesis_schedule_verdicts() {
             |t| t.redis.restart(),
         )
         .await;
+
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         client.await.unwrap();
