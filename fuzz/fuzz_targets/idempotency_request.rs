@@ -60,10 +60,10 @@ fuzz_target!(|input: Input| {
     let mut p = parts(&input.a);
     if let Ok(value) = HeaderValue::from_bytes(&input.header) {
         p.headers.insert(HEADER, value);
-        if let Some(second) = input.second_header.as_deref() {
-            if let Ok(second) = HeaderValue::from_bytes(second) {
-                p.headers.append(HEADER, second);
-            }
+        if let Some(second) = input.second_header.as_deref()
+            && let Ok(second) = HeaderValue::from_bytes(second)
+        {
+            p.headers.append(HEADER, second);
         }
     }
     let several = p.headers.get_all(HEADER).iter().count() > 1;

@@ -113,10 +113,10 @@ fuzz_target!(|input: Input| {
         let query_key = QueryKey::new(input.query_name.as_str()).make_lock_key(&mut parts);
         assert!(query_key.is_none_or(|key| !key.is_empty()));
         // The raw request through the router: whatever it finds is not empty.
-        if let Ok(text) = std::str::from_utf8(&input.raw) {
-            if let Some(Some(key)) = path_key(text) {
-                assert!(!key.is_empty());
-            }
+        if let Ok(text) = std::str::from_utf8(&input.raw)
+            && let Some(Some(key)) = path_key(text)
+        {
+            assert!(!key.is_empty());
         }
     }
 
