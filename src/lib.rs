@@ -122,6 +122,11 @@ mod policy;
 mod rejection;
 mod ttl_advice;
 
+#[cfg(fuzzing)]
+#[doc(hidden)]
+#[path = "fuzz.rs"]
+pub mod __fuzz;
+
 #[cfg(feature = "axum")]
 mod extract;
 

@@ -664,6 +664,17 @@ impl ToRedisArgs for KeyArg<'_> {
     }
 }
 
+#[cfg(fuzzing)]
+impl RedisBackend {
+    /// For the fuzz targets: the Redis key `<prefix>{<key>}<suffix>` as the backend names
+    /// it ([`key_with_suffix`](Self::key_with_suffix)) and as it writes it into a script's
+    /// arguments ([`KeyArg`]).
+    pub(crate) fn fuzz_key(&self, key: &LockKey, suffix: &'static str) -> (String, Vec<u8>) {
+        let arg = self.key_arg(key, suffix).to_redis_args().concat();
+        (self.key_with_suffix(key, suffix), arg)
+    }
+}
+
 /// The longest lease sent to Redis, in ms (about 285,000 years): Redis refuses a `PX`
 /// whose deadline overflows its clock, and 2⁵³ stays exact in the scripts' Lua numbers.
 /// A longer ttl (`Duration::MAX` for "forever") is clamped to it.

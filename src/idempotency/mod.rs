@@ -11,12 +11,12 @@ mod memory_store;
 #[cfg(feature = "redis")]
 mod redis_store;
 #[cfg(feature = "axum")]
-mod request;
+pub(crate) mod request;
 #[cfg(feature = "axum")]
-mod response;
+pub(crate) mod response;
 #[cfg(feature = "axum")]
 mod service;
-mod store;
+pub(crate) mod store;
 
 pub(crate) use self::memory_store::MemoryRecords;
 pub use self::store::{Finished, Record, RecordState, ResponseStore, StoredResponse, Unreplayable};

@@ -27,7 +27,7 @@ const MAX_KEY_LEN: usize = 255;
 /// The key from `header`: one header only, 1 to 255 characters after decoding. Either a
 /// structured-field string (`"..."`, with `\"` and `\\` escapes, as the draft says) or,
 /// leniently, a bare run of visible ASCII characters that does not start with `"`.
-pub(super) fn idempotency_key(
+pub(crate) fn idempotency_key(
     parts: &Parts,
     header: &HeaderName,
 ) -> Result<Option<String>, &'static str> {
@@ -103,7 +103,7 @@ pub(super) async fn read_body(
 /// The name of a key's lock and record: a hash of route, principal and key, so that no
 /// combination of them can spell another's, and braces in a route (`/items/{sku}`) do not
 /// pick the Cluster hash slot for every key of the route.
-pub(super) fn record_key(scope: &str, principal: &str, key: &str) -> LockKey {
+pub(crate) fn record_key(scope: &str, principal: &str, key: &str) -> LockKey {
     let mut hash = Sha256::new();
     for part in [scope, principal, key] {
         hash.update((part.len() as u64).to_be_bytes());
@@ -119,7 +119,7 @@ fn hex(bytes: &[u8]) -> String {
 /// SHA-256 of method, path with query, and body, as raw bytes: what makes two requests
 /// "the same". JSON with its keys in another order, or a query with its parameters in
 /// another order, is another request.
-pub(super) fn fingerprint(parts: &Parts, body: &Bytes) -> String {
+pub(crate) fn fingerprint(parts: &Parts, body: &Bytes) -> String {
     let mut hash = Sha256::new();
     for part in [
         parts.method.as_str().as_bytes(),

@@ -33,7 +33,7 @@ pub(super) fn unavailable(retry_after: Duration) -> Response<Body> {
 }
 
 /// The answer a record gives a request with `fingerprint`.
-pub(super) fn from_record(
+pub(crate) fn from_record(
     record: Record,
     fingerprint: &str,
     retry_after: Duration,

@@ -60,6 +60,23 @@ impl RedisServer {
         Self::try_spawn(args, None, false).unwrap_or_else(|err| panic!("{err}"))
     }
 
+    /// A server with AOF persistence (`appendfsync always`) in `dir`, which it owns: a
+    /// [`restart`](Self::restart) reloads every write it acknowledged; emptying `dir`
+    /// between [`kill`](Self::kill) and `restart` starts it empty instead.
+    pub fn spawn_durable(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("create the server's data directory");
+        let dir = dir.display().to_string();
+        let args = [
+            "--dir",
+            &dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ];
+        Self::spawn_with(&args)
+    }
+
     /// A server whose default user needs `password` (`--requirepass`); [`url`](Self::url)
     /// carries it.
     pub fn spawn_with_password(password: &str) -> Self {
