@@ -4,7 +4,7 @@
 //! | model step | code (`src/backend/redlock.rs`) |
 //! |---|---|
 //! | `Start`: an attempt sends `SET NX` with its token to every node | `try_acquire` → `on_all` |
-//! | `Exec` / `Deliver`: a node runs the command (atomically) whenever it gets there; its reply arrives, or never does within the bound (lost) | `RedisBackend::try_acquire`, the node timeout |
+//! | `Exec`: a node runs the command (atomically) whenever it gets there, and the client has its answer, unless it gave up on that node before (a reply that comes late is a command that runs late; a lost one, a `GiveUp` before the command runs) | `RedisBackend::try_acquire`, the node timeout |
 //! | `GiveUp(node)`: the attempt stops waiting for a node (node timeout); the command may still run later | `on_nodes`' timeout |
 //! | `Decide`: a majority granted and the validity (sent + ttl − margin) is not over → holding; otherwise undo on every node that granted or did not answer, and try again with a **fresh** token (the fix of issue 11; `reuse_tokens` models the old code) | `try_acquire`, `LockBackend::retry_with_same_token` |
 //! | `Exec(Undo/Release)`: compare-and-delete, whenever it gets there (late, possibly after a later attempt) | `RedisBackend::undo`, `release` |
@@ -13,13 +13,21 @@
 //!
 //! Property: no two clients hold the lock while each believes its validity not over.
 //!
-//! What is checked here: that one node restarted empty lets a second holder in on 3 nodes
-//! (the limit `RedlockBackend`'s docs state), found in 39 thousand states. The healthy-node
-//! case, and retries with fresh tokens against the old reuse of tokens, grow past what this
-//! checker explores in minutes on two cores; `tests/redlock.rs` covers those sequences
-//! against real servers.
+//! What is checked here (`cargo test --test redlock_model`, about 25 s unoptimised; node
+//! renumberings are one state, see `Representative`):
+//!
+//! - with healthy nodes, 3 of them, two clients: never two holders (1.7 million states,
+//!   every interleaving of late commands, lost replies and timeouts within the bound);
+//! - the model can fail: with the old retry under the same token, a late undo of a failed
+//!   attempt frees a later grant on a node and a second client gets a majority (issue 11's
+//!   double grant, found in half a million states);
+//! - one node restarted empty lets a second holder in on 3 nodes and on 5 (the limit
+//!   `RedlockBackend`'s docs state).
+//!
+//! Five healthy nodes do not finish in five minutes here (release build); `tests/redlock.rs`
+//! covers the sequences against real servers.
 
-use stateright::{Checker, Model, Property};
+use stateright::{Checker, Model, Property, Representative};
 
 const TTL: u8 = 3;
 const MARGIN: u8 = 1;
@@ -60,12 +68,6 @@ enum Msg {
         token: Token,
         attempt: u8,
     },
-    Reply {
-        node: usize,
-        client: usize,
-        attempt: u8,
-        granted: bool,
-    },
     Delete {
         node: usize,
         token: Token,
@@ -86,7 +88,6 @@ struct State {
 enum Action {
     Start(usize),
     Exec(usize),
-    Deliver(usize),
     GiveUp(usize, usize),
     Decide(usize),
     Finish(usize),
@@ -119,6 +120,65 @@ impl State {
     fn send(&mut self, msg: Msg) {
         self.net.push(msg);
         self.net.sort();
+    }
+}
+
+/// Nodes are interchangeable (the quorum counts them, the property counts holders): a
+/// state stands for every renumbering of its nodes. The representative orders the nodes
+/// by everything the state says of each (its key, each client's answer from it, the
+/// commands on their way to it), so renumberings of one state map to one representative;
+/// nodes that tie are alike and their order does not matter.
+impl Representative for State {
+    fn representative(&self) -> Self {
+        let nodes = self.keys.len();
+        let signature = |node: usize| {
+            let answers: Vec<Option<Answer>> = self
+                .clients
+                .iter()
+                .map(|c| match c {
+                    Client::Attempting { answers, .. } => Some(answers[node]),
+                    _ => None,
+                })
+                .collect();
+            let mut msgs: Vec<(u8, usize, Token, u8)> = self
+                .net
+                .iter()
+                .filter_map(|m| match *m {
+                    Msg::Set {
+                        node: n,
+                        client,
+                        token,
+                        attempt,
+                    } if n == node => Some((0, client, token, attempt)),
+                    Msg::Delete { node: n, token } if n == node => Some((1, 0, token, 0)),
+                    _ => None,
+                })
+                .collect();
+            msgs.sort();
+            (self.keys[node], answers, msgs)
+        };
+        let mut order: Vec<usize> = (0..nodes).collect();
+        order.sort_by_key(|&node| signature(node));
+        // `order[new] = old`; `renumber[old] = new`.
+        let mut renumber = vec![0; nodes];
+        for (new, &old) in order.iter().enumerate() {
+            renumber[old] = new;
+        }
+        let mut s = self.clone();
+        s.keys = order.iter().map(|&old| self.keys[old]).collect();
+        for client in &mut s.clients {
+            if let Client::Attempting { answers, .. } = client {
+                let old = answers.clone();
+                *answers = order.iter().map(|&o| old[o]).collect();
+            }
+        }
+        for msg in &mut s.net {
+            match msg {
+                Msg::Set { node, .. } | Msg::Delete { node, .. } => *node = renumber[*node],
+            }
+        }
+        s.net.sort();
+        s
     }
 }
 
@@ -155,13 +215,8 @@ impl Model for Redlock {
                 Client::Done => {}
             }
         }
-        for (i, msg) in s.net.iter().enumerate() {
-            // A message never delivered within the time bound is a lost one: no `Lose`
-            // step is needed (the client's `GiveUp` stands for its timeout).
-            match msg {
-                Msg::Reply { .. } => actions.push(Action::Deliver(i)),
-                _ => actions.push(Action::Exec(i)),
-            }
+        for i in 0..s.net.len() {
+            actions.push(Action::Exec(i));
         }
         if s.restarts_left > 0 {
             for node in 0..self.nodes {
@@ -201,45 +256,30 @@ impl Model for Redlock {
                         }
                         Some(_) => false,
                     };
-                    s.send(Msg::Reply {
-                        node,
-                        client,
-                        attempt,
-                        granted,
-                    });
+                    // The reply, at once: a reply that comes late is the same as a
+                    // command that runs late (the client decides later either way), and a
+                    // lost one is the client's `GiveUp` before the command runs.
+                    if let Client::Attempting {
+                        attempt: current,
+                        answers,
+                        ..
+                    } = &mut s.clients[client]
+                        && *current == attempt
+                        && answers[node] == Answer::Waiting
+                    {
+                        answers[node] = if granted {
+                            Answer::Granted
+                        } else {
+                            Answer::Held
+                        };
+                    }
                 }
                 Msg::Delete { node, token } => {
                     if s.live(node) == Some(token) {
                         s.keys[node] = None;
                     }
                 }
-                Msg::Reply { .. } => return None,
             },
-            Action::Deliver(i) => {
-                let Msg::Reply {
-                    node,
-                    client,
-                    attempt,
-                    granted,
-                } = s.net.remove(i)
-                else {
-                    return None;
-                };
-                if let Client::Attempting {
-                    attempt: current,
-                    answers,
-                    ..
-                } = &mut s.clients[client]
-                    && *current == attempt
-                    && answers[node] == Answer::Waiting
-                {
-                    answers[node] = if granted {
-                        Answer::Granted
-                    } else {
-                        Answer::Held
-                    };
-                }
-            }
             Action::GiveUp(c, node) => {
                 let Client::Attempting { answers, .. } = &mut s.clients[c] else {
                     return None;
@@ -332,7 +372,7 @@ impl Redlock {
 
 /// Whether the model finds two holders at once.
 fn finds_two_holders(model: Redlock) -> bool {
-    let checker = model.checker().spawn_dfs().join();
+    let checker = model.checker().symmetry().spawn_dfs().join();
     eprintln!("redlock model: {} states", checker.unique_state_count());
     checker
         .discovery("one holder with a valid lease")
@@ -347,6 +387,46 @@ fn finds_two_holders(model: Redlock) -> bool {
 fn a_node_restarted_empty_can_let_a_second_holder_in() {
     let model = Redlock {
         nodes: 3,
+        attempts: [1, 1],
+        restarts: 1,
+        reuse_tokens: false,
+    };
+    assert!(finds_two_holders(model));
+}
+
+/// With every node keeping its data, no interleaving of commands that run late, replies
+/// that never come and timeouts gives two holders: the majority and validity rule holds.
+#[test]
+fn healthy_nodes_never_let_two_hold() {
+    let model = Redlock {
+        nodes: 3,
+        attempts: [1, 1],
+        restarts: 0,
+        reuse_tokens: false,
+    };
+    assert!(!finds_two_holders(model));
+}
+
+/// The model can fail: the code before issue 11's fix retried a failed attempt with the
+/// same token, so that the late undo of the first attempt could delete the grant of the
+/// second on a node, and another client then found a majority.
+#[test]
+fn retries_with_the_same_token_let_two_hold() {
+    let model = Redlock {
+        nodes: 3,
+        attempts: [2, 1],
+        restarts: 0,
+        reuse_tokens: true,
+    };
+    assert!(finds_two_holders(model));
+}
+
+/// Five nodes, one restarted empty: a bare majority of three loses one and the next client
+/// finds three free, as on three nodes.
+#[test]
+fn five_nodes_one_restarted_empty_can_let_a_second_holder_in() {
+    let model = Redlock {
+        nodes: 5,
         attempts: [1, 1],
         restarts: 1,
         reuse_tokens: false,
