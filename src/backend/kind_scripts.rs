@@ -209,42 +209,6 @@ return 1
     ))
 });
 
-/// Releases a writer. `KEYS[1]` the writer, `KEYS[2]` the release channel, `KEYS[3]` the
-/// waiter mark; `ARGV[1]` token. Deletes the writer only if the token is it; publishes
-/// when a waiter left a mark. Returns `{1, receivers, marked}`, or `{0, 0, 0}` when the
-/// token was not the writer.
-pub(super) static WRITE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return {0, 0, 0}
-end
-redis.call('DEL', KEYS[1])
-if redis.call('DEL', KEYS[3]) == 0 then
-  return {1, 0, 0}
-end
-local told = redis.pcall('PUBLISH', KEYS[2], '')
-if type(told) ~= 'number' then
-  told = 0
-end
-return {1, told, 1}
-"#,
-    )
-});
-
-/// Renews a writer. `KEYS[1]` the writer; `ARGV[1]` token, `ARGV[2]` lease in ms. Returns
-/// 1 when the token is the writer (its lease reset), 0 otherwise.
-pub(super) static WRITE_EXTEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
-end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"#,
-    )
-});
-
 /// Several keys, all or none, on one server. `KEYS[1..n]` the locks (`<prefix>{k}`, the
 /// exclusive locks of the keys), `KEYS[n+1..2n]` their waiter marks; `ARGV[1]` token,
 /// `ARGV[2]` lease in ms, `ARGV[3]` `n`.

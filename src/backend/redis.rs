@@ -521,23 +521,38 @@ impl RedisBackend {
         cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
             .arg(if publish { "1" } else { "0" });
         let reply: u64 = self.query(&cmd, Some(&RELEASE)).await?;
+        Ok(self.release_reply(key, reply))
+    }
+
+    /// The release script's one-integer answer (see `scripts::RELEASE`) as a release.
+    fn release_reply(&self, key: &LockKey, reply: u64) -> Released {
         let (was_held, marked, receivers) = (reply >= 1, reply >= 2, reply.saturating_sub(2));
-        // Our own subscriber, if it listens on the channel, is not a waiter elsewhere.
+        self.released(Some(key), was_held, receivers, marked)
+    }
+
+    /// A release's answer: `receivers` told, less our own subscriber when it listens on
+    /// `key`'s channel (it is not a waiter elsewhere); marked waiters that nobody told
+    /// poll, when our notifications are off or failing (and so presumably theirs).
+    fn released(
+        &self,
+        key: Option<&LockKey>,
+        held: bool,
+        receivers: u64,
+        marked: bool,
+    ) -> Released {
         let ours = marked
-            && self
-                .notifier
-                .as_ref()
-                .is_some_and(|n| n.listens_on(&self.release_channel(key)));
-        Ok(Released {
-            was_held,
+            && key.is_some_and(|key| {
+                self.notifier
+                    .as_ref()
+                    .is_some_and(|n| n.listens_on(&self.release_channel(key)))
+            });
+        Released {
+            was_held: held,
             notified: receivers.saturating_sub(u64::from(ours)),
-            // A marked waiter that was not told either polls (notifications off or
-            // failing), or is between its refusal and its subscription, after which it
-            // retries at once.
             unnotified_waiters: marked
                 && receivers == 0
                 && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
-        })
+        }
     }
 
     /// Undoes an acquisition nobody may know of (a failed Redlock attempt): a release

@@ -12,9 +12,10 @@ use crate::{
         Acquire, BackendError, Released,
         kind_scripts::{
             MANY_ACQUIRE, MANY_EXTEND, MANY_RELEASE, PERMIT_ACQUIRE, READ_ACQUIRE, SHARE_EXTEND,
-            SHARE_RELEASE, WRITE_ACQUIRE, WRITE_EXTEND, WRITE_RELEASE,
+            SHARE_RELEASE, WRITE_ACQUIRE,
         },
         one_at_a_time,
+        scripts::{EXTEND, RELEASE},
     },
     key::LockKey,
     kind::LockKind,
@@ -112,39 +113,16 @@ impl RedisBackend {
                 (&SHARE_RELEASE, cmd)
             }
             LockKind::Write => {
-                let mut cmd =
-                    self.kind_cmd(&WRITE_RELEASE, key, &[":writer", ":released", ":waiters"]);
-                cmd.arg(token_text);
-                (&WRITE_RELEASE, cmd)
+                // The writer is an exclusive lock under another name: the exclusive
+                // release script, always telling waiters.
+                let mut cmd = self.kind_cmd(&RELEASE, key, &[":writer", ":released", ":waiters"]);
+                cmd.arg(token_text).arg("1");
+                let reply: u64 = self.query(&cmd, Some(&RELEASE)).await?;
+                return Ok(self.release_reply(key, reply));
             }
         };
         let (held, receivers, marked): (i64, u64, i64) = self.query(&cmd, Some(script)).await?;
         Ok(self.released(Some(key), held == 1, receivers, marked == 1))
-    }
-
-    /// A release's answer: `receivers` told, less our own subscriber when it listens on
-    /// `key`'s channel (it is not a waiter elsewhere); marked waiters that nobody told
-    /// poll, when our notifications are off or failing (and so presumably theirs).
-    fn released(
-        &self,
-        key: Option<&LockKey>,
-        held: bool,
-        receivers: u64,
-        marked: bool,
-    ) -> Released {
-        let ours = marked
-            && key.is_some_and(|key| {
-                self.notifier
-                    .as_ref()
-                    .is_some_and(|n| n.listens_on(&self.release_channel(key)))
-            });
-        Released {
-            was_held: held,
-            notified: receivers.saturating_sub(u64::from(ours)),
-            unnotified_waiters: marked
-                && receivers == 0
-                && !self.notifier.as_ref().is_some_and(|n| n.is_healthy()),
-        }
     }
 
     pub(super) async fn extend_kind_script(
@@ -162,7 +140,8 @@ impl RedisBackend {
             }
             LockKind::Permits(_) => (&SHARE_EXTEND, ":permits"),
             LockKind::Read => (&SHARE_EXTEND, ":readers"),
-            LockKind::Write => (&WRITE_EXTEND, ":writer"),
+            // The writer is an exclusive lock under another name.
+            LockKind::Write => (&EXTEND, ":writer"),
         };
         let mut cmd = self.kind_cmd(script, key, &[suffix]);
         cmd.arg(token_text).arg(lease_millis(ttl));
