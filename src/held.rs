@@ -4,12 +4,12 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::{sync::Notify, time::Instant};
 use uuid::Uuid;
 
 use crate::{key::LockKey, lease::lease_end};
@@ -34,7 +34,11 @@ struct HeldInner {
     /// The lease deadline, as nanoseconds after `acquired_at`; renewals move it.
     deadline_nanos: AtomicU64,
     /// `true` once the lock is known lost.
-    lost: watch::Sender<bool>,
+    lost: AtomicBool,
+    /// Wakes the [`Held::lost`] futures when `lost` turns true. A flag and a `Notify`
+    /// rather than a `watch` channel: nothing to allocate or drop beyond this struct on a
+    /// path every acquisition takes, and most locks are never watched.
+    lost_notify: Notify,
 }
 
 impl Held {
@@ -67,7 +71,8 @@ impl Held {
                 fencing_token,
                 acquired_at: Instant::now(),
                 deadline_nanos: AtomicU64::new(0),
-                lost: watch::Sender::new(false),
+                lost: AtomicBool::new(false),
+                lost_notify: Notify::new(),
             }),
         };
         held.set_deadline(deadline);
@@ -90,7 +95,11 @@ impl Held {
     /// Records that the lock is lost and wakes every [`lost`](Self::lost) future. True
     /// the first time, so that a loss is counted once however it was found.
     pub(crate) fn mark_lost(&self) -> bool {
-        !self.inner.lost.send_replace(true)
+        let first = !self.inner.lost.swap(true, Ordering::AcqRel);
+        if first {
+            self.inner.lost_notify.notify_waiters();
+        }
+        first
     }
 
     /// The lock's key, with the layer's prefix.
@@ -147,21 +156,27 @@ impl Held {
     /// Whether the lock is lost: a renewal found it gone or owned by someone else, or the
     /// lease deadline has passed without a renewal (whether or not the watchdog has run).
     pub fn is_lost(&self) -> bool {
-        *self.inner.lost.borrow() || Instant::now() >= self.lease_deadline()
+        self.inner.lost.load(Ordering::Acquire) || Instant::now() >= self.lease_deadline()
     }
 
     /// Resolves when the lock is lost (as [`is_lost`](Self::is_lost) tells); pending for
     /// as long as it is held. For handlers under the `Signal` policy, to `select!` on
     /// beside their work.
     pub async fn lost(&self) {
-        let mut lost = self.inner.lost.subscribe();
         loop {
+            // Registered before the flag is read, so a `mark_lost` in between still wakes
+            // this future (`notify_waiters` wakes only registered waiters).
+            let notified = self.inner.lost_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.lost.load(Ordering::Acquire) {
+                return;
+            }
             // The deadline moves with each renewal: sleep to the current one, then look again.
             let deadline = self.lease_deadline();
             tokio::select! {
-                // `wait_for` fails only once the sender is gone, and `self` keeps it alive.
-                _ = lost.wait_for(|lost| *lost) => return,
-                _ = tokio::time::sleep_until(deadline) => {
+                () = &mut notified => return,
+                () = tokio::time::sleep_until(deadline) => {
                     if Instant::now() >= self.lease_deadline() {
                         return;
                     }
