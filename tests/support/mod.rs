@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod proxy;
 pub mod redis_server;
 #[cfg(feature = "tls")]
@@ -348,8 +349,13 @@ impl Redlock {
 
 /// One node as an app instance sees it: its own pool and subscriber.
 pub fn redis_node(server: &RedisServer) -> RedisBackend {
-    let client = deadpool_redis::redis::Client::open(server.url()).expect("redis url");
-    RedisBackend::new(pool(&server.url()))
+    redis_node_at(&server.url())
+}
+
+/// [`redis_node`] for the server at `url`.
+pub fn redis_node_at(url: &str) -> RedisBackend {
+    let client = deadpool_redis::redis::Client::open(url).expect("redis url");
+    RedisBackend::new(pool(url))
         .command_timeout(Duration::from_millis(500))
         .notify_with(client)
 }
