@@ -12,23 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deadpool_redis::{Runtime, redis};
+use deadpool_redis::redis;
 use http::StatusCode;
-use support::{Counter, app, redis_server::RedisCluster, serve};
-use tower_redis_lock::{LockBackend, LockKey, Locker, RedisBackend, backend::Acquire};
+use support::{Counter, app, cluster_backend, redis_server::RedisCluster, serve};
+use tower_redis_lock::{LockBackend, LockKey, Locker, backend::Acquire};
 use uuid::Uuid;
-
-/// An app instance's backend on the cluster, hearing releases through one node.
-fn instance(cluster: &RedisCluster, notify_node: usize) -> RedisBackend {
-    let pool = deadpool_redis::cluster::Config::from_urls(cluster.urls())
-        .create_pool(Some(Runtime::Tokio1))
-        .unwrap();
-    let client = redis::Client::open(cluster.urls()[notify_node].clone()).unwrap();
-    RedisBackend::cluster(pool)
-        .command_timeout(Duration::from_secs(1))
-        .notify_with(client)
-        .fencing(true)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exclusion_and_wake_up_on_a_cluster() {
@@ -53,7 +41,7 @@ async fn exclusion_and_wake_up_on_a_cluster() {
     let counter = Counter::Local(Default::default());
     let mut urls = Vec::new();
     for node in 0..2 {
-        let router = app(instance(&cluster, node), counter.clone(), |layer| {
+        let router = app(cluster_backend(&cluster, node), counter.clone(), |layer| {
             layer.max_wait(Duration::from_secs(2))
         });
         urls.push(serve(router).await);
@@ -93,7 +81,7 @@ async fn exclusion_and_wake_up_on_a_cluster() {
 
     // A waiter with a ten-second backoff, listening on another node than the holder's
     // key may live on, acquires right after the release.
-    let holder = instance(&cluster, 0);
+    let holder = cluster_backend(&cluster, 0);
     let key = LockKey::from("order:9");
     let token = Uuid::new_v4();
     assert!(matches!(
@@ -105,7 +93,7 @@ async fn exclusion_and_wake_up_on_a_cluster() {
             fencing_token: Some(_)
         }
     ));
-    let locker = Locker::new(instance(&cluster, 2))
+    let locker = Locker::new(cluster_backend(&cluster, 2))
         .max_wait(Duration::from_secs(30))
         .backoff(Duration::from_secs(10), Duration::from_secs(10));
     let waiting = tokio::spawn(async move {
@@ -132,7 +120,7 @@ async fn exclusion_and_wake_up_on_a_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_keys_keep_their_lock_in_one_slot() {
     let cluster = RedisCluster::spawn(3);
-    let backend = instance(&cluster, 0);
+    let backend = cluster_backend(&cluster, 0);
     let hostile = [
         "}", "}x", "}}", "{", "{}", "{}}", "a}b", "%", "%7D", "%25", "}%", "{1}", "1}", "*", "[1]",
         "a b", "é}", "order:1",

@@ -390,6 +390,21 @@ impl Harness for Redlock {
     }
 }
 
+/// An app instance's backend on `cluster` (fencing on), hearing releases through node
+/// `notify_node`.
+#[cfg(feature = "cluster")]
+pub fn cluster_backend(cluster: &redis_server::RedisCluster, notify_node: usize) -> RedisBackend {
+    let pool = deadpool_redis::cluster::Config::from_urls(cluster.urls())
+        .create_pool(Some(Runtime::Tokio1))
+        .expect("cluster urls");
+    let client =
+        deadpool_redis::redis::Client::open(cluster.urls()[notify_node].clone()).expect("url");
+    RedisBackend::cluster(pool)
+        .command_timeout(Duration::from_secs(1))
+        .notify_with(client)
+        .fencing(true)
+}
+
 /// Locks on a Redis Cluster of the test's own (three primaries).
 #[cfg(feature = "cluster")]
 pub struct Cluster {

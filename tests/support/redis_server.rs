@@ -399,8 +399,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A Redis Cluster of `masters` primaries (no replicas), each a [`RedisServer`] with its own
-/// data directory, joined with `redis-cli --cluster create`.
+/// A Redis Cluster of `masters` primaries (and, from [`spawn_with_replicas`], replicas),
+/// each a [`RedisServer`] with its own data directory, joined with
+/// `redis-cli --cluster create`.
+///
+/// [`spawn_with_replicas`]: Self::spawn_with_replicas
 #[derive(Debug)]
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
@@ -410,9 +413,15 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts the nodes and waits until the cluster says `cluster_state:ok`.
     pub fn spawn(masters: usize) -> Self {
+        Self::spawn_with_replicas(masters, 0, Duration::from_secs(5))
+    }
+
+    /// `masters` primaries with `replicas` replicas each; a primary unreachable for
+    /// `node_timeout` is failed over to one of its replicas.
+    pub fn spawn_with_replicas(masters: usize, replicas: usize, node_timeout: Duration) -> Self {
         let mut nodes = Vec::new();
         let mut dirs = Vec::new();
-        while nodes.len() < masters {
+        while nodes.len() < masters * (1 + replicas) {
             let port = free_cluster_port();
             let dir =
                 std::env::temp_dir().join(format!("trl-cluster-{}-{port}", std::process::id()));
@@ -423,7 +432,12 @@ impl RedisCluster {
                 "--cluster-config-file".into(),
                 "nodes.conf".into(),
                 "--cluster-node-timeout".into(),
-                "5000".into(),
+                node_timeout.as_millis().to_string(),
+                // A replica whose primary died before it ever synced would otherwise
+                // refuse to take over ("disconnected from master for longer than
+                // allowed"); the tests want the failover either way.
+                "--cluster-replica-validity-factor".into(),
+                "0".into(),
                 "--dir".into(),
                 dir.display().to_string(),
             ];
@@ -447,7 +461,7 @@ impl RedisCluster {
         let status = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -455,6 +469,14 @@ impl RedisCluster {
         assert!(status.success(), "redis-cli --cluster create failed");
         let cluster = RedisCluster { nodes, dirs };
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Replicas in sync with their primaries, so a failover has the data to take over.
+        while !cluster.nodes.iter().all(|node| {
+            let info: String = node.query(redis::cmd("INFO").arg("replication"));
+            info.contains("role:master") || info.contains("master_link_status:up")
+        }) {
+            assert!(Instant::now() < deadline, "the replicas never synced");
+            thread::sleep(Duration::from_millis(100));
+        }
         while !cluster.nodes.iter().all(|node| {
             let info: String = node.query(redis::cmd("CLUSTER").arg("INFO"));
             info.contains("cluster_state:ok")
@@ -468,6 +490,138 @@ impl RedisCluster {
     /// `redis://127.0.0.1:<port>` of every node.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The hash slot of `key`.
+    pub fn slot(&self, key: &str) -> u16 {
+        self.any_live_node()
+            .query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+    }
+
+    /// The index in [`nodes`](Self::nodes) of the primary serving `slot`, as a live node
+    /// sees the cluster now.
+    pub fn owner(&self, slot: u16) -> usize {
+        let nodes: String = self
+            .any_live_node()
+            .query(redis::cmd("CLUSTER").arg("NODES"));
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let mut bounds = range.split('-').map(|n| n.parse::<u16>());
+                match (bounds.next(), bounds.next()) {
+                    (Some(Ok(start)), Some(Ok(end))) => (start..=end).contains(&slot),
+                    (Some(Ok(only)), None) => only == slot,
+                    _ => false, // a slot being migrated: `[slot->-id]`
+                }
+            });
+            if serves {
+                let port: u16 = fields[1]
+                    .split(['@', ':'])
+                    .nth(1)
+                    .and_then(|port| port.parse().ok())
+                    .expect("node address");
+                return self
+                    .nodes
+                    .iter()
+                    .position(|node| node.port == port)
+                    .expect("a node of this cluster");
+            }
+        }
+        panic!("no primary serves slot {slot}:\n{nodes}");
+    }
+
+    /// The cluster's id of node `index`.
+    pub fn node_id(&self, index: usize) -> String {
+        self.nodes[index].query(redis::cmd("CLUSTER").arg("MYID"))
+    }
+
+    /// Moves `slot` from primary `from` to primary `to` with its keys (and their
+    /// expiry), the way `redis-cli --cluster reshard` moves each slot: `IMPORTING` on the
+    /// target, `MIGRATING` on the source, `MIGRATE` of the keys in batches, then the new
+    /// owner announced to every primary. While it runs, a key still on the source is
+    /// served there and one already moved gets an `ASK` redirect.
+    pub fn migrate_slot(&self, slot: u16, from: usize, to: usize, between_batches: Duration) {
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let setslot = |node: usize, state: &str, id: &str| {
+            let () = self.nodes[node].query(
+                redis::cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(slot)
+                    .arg(state)
+                    .arg(id),
+            );
+        };
+        setslot(to, "IMPORTING", &from_id);
+        setslot(from, "MIGRATING", &to_id);
+        loop {
+            let keys: Vec<String> =
+                self.nodes[from].query(redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(1));
+            if keys.is_empty() {
+                break;
+            }
+            let _: redis::Value = self.nodes[from].query(
+                redis::cmd("MIGRATE")
+                    .arg("127.0.0.1")
+                    .arg(self.nodes[to].port)
+                    .arg("")
+                    .arg(0)
+                    .arg(5000)
+                    .arg("KEYS")
+                    .arg(&keys),
+            );
+            thread::sleep(between_batches);
+        }
+        setslot(to, "NODE", &to_id);
+        setslot(from, "NODE", &to_id);
+        for node in 0..self.nodes.len() {
+            if node != from && node != to && self.nodes[node].pid_alive() {
+                let role: Vec<redis::Value> = self.nodes[node].query(&mut redis::cmd("ROLE"));
+                if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                    setslot(node, "NODE", &to_id);
+                }
+            }
+        }
+    }
+
+    /// Waits until every live node says `cluster_state:ok`; false after `within`.
+    pub fn wait_ok(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.pid_alive()).all(|node| {
+                let info: String = node.query(redis::cmd("CLUSTER").arg("INFO"));
+                info.contains("cluster_state:ok")
+            });
+            if ok {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The lock keys (`lock:*`) on every live node, as `port:key`.
+    pub fn lock_keys(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|node| node.pid_alive())
+            .flat_map(|node| {
+                let keys: Vec<String> = node.query(redis::cmd("KEYS").arg("lock:*"));
+                keys.into_iter()
+                    .map(move |key| format!("{}:{key}", node.port))
+            })
+            .collect()
+    }
+
+    fn any_live_node(&self) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|node| node.pid_alive())
+            .expect("a live cluster node")
     }
 }
 
