@@ -300,3 +300,95 @@ fn helper_process() {
         }
     });
 }
+
+/// A grant wakes only the process it is for: once a process listens on its own grant
+/// channel (from its first wait on), its line entries name that channel and the release
+/// script publishes the grant there, not on the key's release channel that every
+/// waiting process of the key listens to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_is_published_to_its_process_alone() {
+    use futures_util::StreamExt;
+
+    let server = RedisServer::spawn();
+    let client = Client::open(server.url()).expect("redis url");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe("lock:{k}:released")
+        .await
+        .expect("subscribe");
+    pubsub
+        .psubscribe("lock:grants:*")
+        .await
+        .expect("psubscribe");
+    let heard: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let listener = tokio::spawn({
+        let heard = heard.clone();
+        async move {
+            let mut messages = pubsub.on_message();
+            while let Some(message) = messages.next().await {
+                let payload: String = message.get_payload().unwrap_or_default();
+                heard
+                    .lock()
+                    .unwrap()
+                    .push((message.get_channel_name().to_owned(), payload));
+            }
+        }
+    });
+
+    let holder = process(&server, Duration::ZERO);
+    let waiters = [
+        process(&server, Duration::from_secs(20)),
+        process(&server, Duration::from_secs(20)),
+    ];
+    for round in 0..2 {
+        let held = holder.lock("k").await.expect("the holder's lock");
+        let tasks: Vec<_> = waiters
+            .iter()
+            .cloned()
+            .map(|waiter| {
+                tokio::spawn(async move {
+                    let lock = waiter.lock("k").await.expect("served");
+                    lock.release().await;
+                })
+            })
+            .collect();
+        queue_reaches(&server, 2).await;
+        held.release().await;
+        for task in tasks {
+            task.await.unwrap();
+        }
+        nothing_left(&server).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if round == 0 {
+            // The first wait of each process subscribed its grant channel; from now on
+            // its entries name it.
+            heard.lock().unwrap().clear();
+        }
+    }
+    listener.abort();
+
+    let heard = heard.lock().unwrap().clone();
+    let grants_on_release_channel: Vec<_> = heard
+        .iter()
+        .filter(|(channel, payload)| channel == "lock:{k}:released" && !payload.is_empty())
+        .collect();
+    assert!(
+        grants_on_release_channel.is_empty(),
+        "grants broadcast on the key's channel: {grants_on_release_channel:?}"
+    );
+    let directed: Vec<_> = heard
+        .iter()
+        .filter(|(channel, _)| channel.starts_with("lock:grants:"))
+        .collect();
+    assert_eq!(directed.len(), 2, "one grant per waiter: {heard:?}");
+    assert_ne!(
+        directed[0].0, directed[1].0,
+        "each grant on its own process's channel"
+    );
+    assert!(
+        directed
+            .iter()
+            .all(|(_, payload)| payload.ends_with(" lock:{k}:released")),
+        "a directed grant names the lock's release channel: {directed:?}"
+    );
+}

@@ -67,6 +67,8 @@ impl Source {
 
 pub(crate) struct Notifier {
     source: Source,
+    /// Names this process's grant channel (see [`grant_channel`](Self::grant_channel)).
+    id: Uuid,
     /// Bounds connecting and each (un)subscribe.
     timeout: Duration,
     state: Mutex<State>,
@@ -97,6 +99,23 @@ struct Channel {
     /// The last few fair-mode grants heard on the channel (see `redis::fair`), for the
     /// waiter of this process they name to take.
     grants: VecDeque<Grant>,
+    /// This process's grant channel: kept subscribed (never swept), and its messages are
+    /// grants for the waiters of other channels, delivered there.
+    grant_channel: bool,
+}
+
+impl Channel {
+    fn new(now: Instant, grant_channel: bool) -> Self {
+        Self {
+            notify: Arc::default(),
+            epoch: 0,
+            waiting: 0,
+            subscription: None,
+            idle_since: now,
+            grants: VecDeque::new(),
+            grant_channel,
+        }
+    }
 }
 
 /// A fair-mode grant as published by the release script: the grantee's token, the
@@ -113,6 +132,28 @@ pub(crate) struct Grant {
 const GRANTS_KEPT: usize = 16;
 
 impl Grant {
+    /// A grant on a process's own channel: `<token> <server ms> <fencing token or ->
+    /// <release channel>` (the channel last: a key may hold spaces), and that channel.
+    fn parse_directed(payload: &[u8]) -> Option<(&str, Self)> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut words = text.splitn(4, ' ');
+        let token = Uuid::try_parse(words.next()?).ok()?;
+        let server_ms = words.next()?.parse().ok()?;
+        let fencing_token = match words.next()? {
+            "-" => None,
+            word => Some(word.parse().ok()?),
+        };
+        let channel = words.next()?;
+        Some((
+            channel,
+            Self {
+                token,
+                server_ms,
+                fencing_token,
+            },
+        ))
+    }
+
     /// `<token> <server ms> [<fencing token>]`; `None` for anything else (a plain
     /// release's empty message).
     fn parse(payload: &[u8]) -> Option<Self> {
@@ -161,6 +202,7 @@ impl State {
         let live = self.generation();
         self.channels.retain(|_, entry| {
             entry.waiting > 0
+                || entry.grant_channel
                 || entry
                     .subscription
                     .is_some_and(|sub| Some(sub.generation) == live)
@@ -196,6 +238,7 @@ impl Notifier {
     pub(crate) fn new(source: Source, timeout: Duration) -> Self {
         Self {
             source,
+            id: Uuid::new_v4(),
             timeout,
             state: Mutex::default(),
             changes: tokio::sync::Mutex::new(()),
@@ -216,6 +259,31 @@ impl Notifier {
     /// Whether subscriptions work: none failed since the last success.
     pub(crate) fn is_healthy(&self) -> bool {
         self.state().failures == 0
+    }
+
+    /// This process's grant channel for keys under `prefix`: `<prefix>grants:<uuid>`.
+    /// It cannot be a key's channel, which always holds a `{`.
+    pub(crate) fn grant_channel(&self, prefix: &str) -> String {
+        format!("{prefix}grants:{}", self.id)
+    }
+
+    /// Subscribes this process's grant channel `channel` unless it is already; true
+    /// when it is listened to (confirmed), so that a line entry may name it.
+    pub(crate) async fn listen_for_grants(self: &Arc<Self>, channel: &str) -> bool {
+        {
+            let mut state = self.state();
+            if state.listens_on(channel) {
+                return true;
+            }
+            if state.retry_at.is_some_and(|at| Instant::now() < at) {
+                return false;
+            }
+            state
+                .channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel::new(Instant::now(), true));
+        }
+        self.subscribe(channel).await.is_ok() && self.listens_on(channel)
     }
 
     /// Releases heard on `channel` so far.
@@ -258,14 +326,7 @@ impl Notifier {
             let entry = state
                 .channels
                 .entry(channel.to_owned())
-                .or_insert_with(|| Channel {
-                    notify: Arc::default(),
-                    epoch: 0,
-                    waiting: 0,
-                    subscription: None,
-                    idle_since: now,
-                    grants: VecDeque::new(),
-                });
+                .or_insert_with(|| Channel::new(now, false));
             if entry.epoch != epoch {
                 return;
             }
@@ -413,7 +474,9 @@ impl Notifier {
             let now = Instant::now();
             let mut idle = Vec::new();
             state.channels.retain(|name, entry| {
-                let keep = entry.waiting > 0 || now.duration_since(entry.idle_since) < LINGER;
+                let keep = entry.waiting > 0
+                    || entry.grant_channel
+                    || now.duration_since(entry.idle_since) < LINGER;
                 if !keep
                     && entry
                         .subscription
@@ -475,7 +538,27 @@ async fn listen(notifier: Weak<Notifier>, stream: PubSubStream, generation: u64)
         let mut state = notifier.state();
         match message {
             Some(message) => {
-                if let Some(entry) = state.channels.get_mut(message.get_channel_name()) {
+                let name = message.get_channel_name();
+                if state.channels.get(name).is_some_and(|c| c.grant_channel) {
+                    // A grant to one of this process's waiters, for the lock whose release
+                    // channel it names: delivered as if heard there.
+                    // The entry is made if need be: the grant may come before its waiter,
+                    // back from the attempt that queued it, starts to wait.
+                    if let Some((channel, grant)) =
+                        Grant::parse_directed(message.get_payload_bytes())
+                    {
+                        let entry = state
+                            .channels
+                            .entry(channel.to_owned())
+                            .or_insert_with(|| Channel::new(Instant::now(), false));
+                        if entry.grants.len() == GRANTS_KEPT {
+                            entry.grants.pop_front();
+                        }
+                        entry.grants.push_back(grant);
+                        entry.epoch += 1;
+                        entry.notify.notify_waiters();
+                    }
+                } else if let Some(entry) = state.channels.get_mut(name) {
                     if let Some(grant) = Grant::parse(message.get_payload_bytes()) {
                         if entry.grants.len() == GRANTS_KEPT {
                             entry.grants.pop_front();
@@ -513,6 +596,31 @@ async fn listen(notifier: Weak<Notifier>, stream: PubSubStream, generation: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A grant on a process's own channel names the lock's release channel last, whole,
+    /// spaces and all; `-` is "no fencing token"; anything malformed is no grant.
+    #[test]
+    fn a_directed_grant_names_its_release_channel() {
+        let token = Uuid::new_v4();
+        let message = format!("{token} 1700000000000 - lock:{{a key with spaces}}:released");
+        let (channel, grant) = Grant::parse_directed(message.as_bytes()).expect("a grant");
+        assert_eq!(channel, "lock:{a key with spaces}:released");
+        assert_eq!(grant.token, token);
+        assert_eq!(grant.server_ms, 1_700_000_000_000);
+        assert_eq!(grant.fencing_token, None);
+        let fenced = format!("{token} 5 1796215701989123 lock:{{k}}:released");
+        let (_, grant) = Grant::parse_directed(fenced.as_bytes()).expect("a fenced grant");
+        assert_eq!(grant.fencing_token, Some(1_796_215_701_989_123));
+        for bad in [
+            String::new(),
+            format!("{token} 5 -"),
+            format!("{token} x - lock:{{k}}:released"),
+            format!("{token} 5 12x lock:{{k}}:released"),
+            "not-a-token 5 - lock:{k}:released".to_owned(),
+        ] {
+            assert!(Grant::parse_directed(bad.as_bytes()).is_none(), "{bad:?}");
+        }
+    }
 
     /// With the notification server unreachable (a node down; the same holds for one that
     /// refuses every `SUBSCRIBE`), waits on ever new keys keep the channel map bounded by

@@ -153,7 +153,7 @@ return 0
 });
 
 /// What the fair-mode scripts share (DESIGN §5, fair mode). The line of key `k` is the list
-/// `<prefix>{k}:queue` of `<token>:<lease ms>` entries in arrival order, with each token's
+/// `<prefix>{k}:queue` of `<token>:<lease ms>[:<grant channel>]` entries in arrival order, with each token's
 /// deadline (server time, ms) in the sorted set `<prefix>{k}:timeouts`; both carry an
 /// expiry no earlier than their last entry's deadline, so a line whose waiters all died
 /// still disappears, and both are gone as soon as the line is empty.
@@ -161,8 +161,11 @@ return 0
 /// `grant_next` gives the free lock to the first entry whose deadline has not passed,
 /// dropping the expired ones in front of it: the lock's value becomes that waiter's token,
 /// with its own lease and (with fencing, when `fence_retention` is given) a fresh fencing
-/// token from [`FENCE_LUA`]'s `take_fence`, as the acquire script takes it, and the grant is published on the release channel as
-/// `<token> <server time ms> [<fencing token>]`, unless the grantee is the caller itself.
+/// token from [`FENCE_LUA`]'s `take_fence`, as the acquire script takes it, and the grant
+/// is published, unless the grantee is the caller itself: on the grantee process's own
+/// channel when its entry names one, as `<token> <server time ms> <fencing token or ->
+/// <release channel>` (so one process wakes, not every process waiting on the key), and
+/// otherwise on the release channel as `<token> <server time ms> [<fencing token>]`.
 /// Returns the grantee's token and fencing token, or nothing when the line is empty.
 macro_rules! fair_prelude {
     () => {
@@ -189,6 +192,12 @@ local function grant_next(fence_retention, caller)
     popped = true
     local sep = string.find(entry, ':', 1, true)
     local waiter, lease = string.sub(entry, 1, sep - 1), string.sub(entry, sep + 1)
+    local to = nil
+    local sep2 = string.find(lease, ':', 1, true)
+    if sep2 then
+      to = string.sub(lease, sep2 + 1)
+      lease = string.sub(lease, 1, sep2 - 1)
+    end
     local deadline = tonumber(redis.call('ZSCORE', timeouts, waiter))
     redis.call('ZREM', timeouts, waiter)
     if deadline and deadline > clock() then
@@ -198,11 +207,16 @@ local function grant_next(fence_retention, caller)
         fenced = take_fence(fence, fence_retention)
       end
       if waiter ~= caller then
-        local message = waiter .. ' ' .. clock()
-        if fenced then
-          message = message .. ' ' .. fenced
+        if to then
+          -- The grantee's process alone hears it, on its own channel.
+          redis.pcall('PUBLISH', to, waiter .. ' ' .. clock() .. ' ' .. (fenced or '-') .. ' ' .. channel)
+        else
+          local message = waiter .. ' ' .. clock()
+          if fenced then
+            message = message .. ' ' .. fenced
+          end
+          redis.pcall('PUBLISH', channel, message)
         end
-        redis.pcall('PUBLISH', channel, message)
       end
       return waiter, fenced
     end
@@ -215,7 +229,8 @@ end
 /// Fair mode's acquire (uncontended: `EXISTS` on the line, then `SET NX PX`). `KEYS[1]` lock key, `KEYS[2]` fence counter, `KEYS[3]` queue,
 /// `KEYS[4]` timeouts, `KEYS[5]` release channel; `ARGV[1]` token, `ARGV[2]` lease in ms,
 /// `ARGV[3]` `1` to take a fencing token, `ARGV[4]` how long the entry stays valid, in ms
-/// (the waiter's remaining wait plus a margin), `ARGV[5]` the fence retention in ms.
+/// (the waiter's remaining wait plus a margin), `ARGV[5]` the fence retention in ms,
+/// `ARGV[6]` the process's grant channel, or empty to be told on the release channel.
 ///
 /// Returns `{1}` (or `{1, fencing token}`) when the token holds the lock: it was granted
 /// to it (the lease is reset and, with fencing, a new token taken, as the acquire script
@@ -262,7 +277,11 @@ if not holder then
 end
 local entry_ms = tonumber(ARGV[4])
 if not redis.call('ZSCORE', timeouts, token) then
-  redis.call('RPUSH', queue, token .. ':' .. ARGV[2])
+  local entry = token .. ':' .. ARGV[2]
+  if ARGV[6] ~= '' then
+    entry = entry .. ':' .. ARGV[6]
+  end
+  redis.call('RPUSH', queue, entry)
 end
 redis.call('ZADD', timeouts, clock() + entry_ms, token)
 if redis.call('PTTL', queue) < entry_ms then

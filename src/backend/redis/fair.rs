@@ -1,5 +1,6 @@
 //! Fair mode on one Redis (DESIGN §5): the line in Redis, the grant in the release
-//! script, and the grantee told on the release channel (see `scripts::FAIR_ACQUIRE`).
+//! script, and the grantee told on its process's own grant channel, or on the release
+//! channel before that channel is listened to (see `scripts::FAIR_ACQUIRE`).
 
 use std::time::Duration;
 
@@ -40,13 +41,26 @@ impl RedisBackend {
         entry_for: Duration,
     ) -> Result<(Acquire, Option<u64>), BackendError> {
         let fencing = self.config.fencing;
+        // Named in the line entry only once it is listened to: a grant published there
+        // before the subscription would be lost (the release channel, listened to by the
+        // wait that follows a refusal, is the fallback until then).
+        let grants = self
+            .notifier
+            .as_ref()
+            .map(|notifier| notifier.grant_channel(&self.config.prefix))
+            .filter(|channel| {
+                self.notifier
+                    .as_ref()
+                    .is_some_and(|notifier| notifier.listens_on(channel))
+            });
         let mut buffer = Uuid::encode_buffer();
         let mut cmd = self.evalsha(&FAIR_ACQUIRE, key, &LINE_KEYS);
         cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
             .arg(lease_millis(ttl))
             .arg(if fencing { "1" } else { "0" })
             .arg(lease_millis(entry_for))
-            .arg(self.config.fence_retention_ms);
+            .arg(self.config.fence_retention_ms)
+            .arg(grants.as_deref().unwrap_or(""));
         let reply: Vec<i64> = self.query(&cmd, Some(&FAIR_ACQUIRE)).await?;
         match reply.as_slice() {
             [1] if !fencing => Ok((
@@ -115,6 +129,12 @@ impl RedisBackend {
         };
         let channel = self.release_channel(key);
         let deadline = Instant::now() + timeout;
+        // This process's grant channel, for its next entries in any line (once per
+        // connection; a failure leaves grants on the release channel).
+        let grants = notifier.grant_channel(&self.config.prefix);
+        if !notifier.listens_on(&grants) {
+            let _ = tokio::time::timeout(timeout, notifier.listen_for_grants(&grants)).await;
+        }
         let ours = |notifier: &super::Notifier| {
             let grant = notifier.take_grant(&channel, token)?;
             // Without the refusal's time (never, with our scripts) a grant is not trusted.
