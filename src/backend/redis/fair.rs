@@ -44,15 +44,10 @@ impl RedisBackend {
         // Named in the line entry only once it is listened to: a grant published there
         // before the subscription would be lost (the release channel, listened to by the
         // wait that follows a refusal, is the fallback until then).
-        let grants = self
-            .notifier
-            .as_ref()
-            .map(|notifier| notifier.grant_channel(&self.config.prefix))
-            .filter(|channel| {
-                self.notifier
-                    .as_ref()
-                    .is_some_and(|notifier| notifier.listens_on(channel))
-            });
+        let grants = self.notifier.as_ref().and_then(|notifier| {
+            let channel = notifier.grant_channel(&self.config.prefix);
+            notifier.listens_on(&channel).then_some(channel)
+        });
         let mut buffer = Uuid::encode_buffer();
         let mut cmd = self.evalsha(&FAIR_ACQUIRE, key, &LINE_KEYS);
         cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
