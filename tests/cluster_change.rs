@@ -15,7 +15,10 @@ use std::{
 
 use deadpool_redis::redis;
 use http::StatusCode;
-use support::{Counter, app, cluster_backend, redis_server::RedisCluster, serve};
+use support::{
+    Counter, app, cluster_backend, eventually, http_client, post_until_ok,
+    redis_server::RedisCluster, serve,
+};
 use tokio::time::Instant;
 use tower_redis_lock::Locker;
 
@@ -34,18 +37,12 @@ fn locks_left(cluster: &RedisCluster) -> Vec<String> {
         .collect()
 }
 
-async fn no_locks_left(cluster: &RedisCluster, within: Duration) -> Result<(), Vec<String>> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = locks_left(cluster);
-        if left.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(left);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn assert_no_locks_left(cluster: &RedisCluster, within: Duration) {
+    assert!(
+        eventually(within, || locks_left(cluster).is_empty()).await,
+        "locks left: {:?}",
+        locks_left(cluster)
+    );
 }
 
 /// Answers per order: 200s, and every other status with its count.
@@ -79,10 +76,7 @@ async fn a_slot_migrated_while_its_lock_is_held_and_asked_for() {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let answers: Answers = Arc::default();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client");
+    let http = http_client();
     let clients: Vec<_> = (0..8u32)
         .map(|client| {
             let (stop, answers, http) = (stop.clone(), answers.clone(), http.clone());
@@ -163,9 +157,7 @@ async fn a_slot_migrated_while_its_lock_is_held_and_asked_for() {
             );
         }
     }
-    if let Err(left) = no_locks_left(&cluster, Duration::from_secs(5)).await {
-        panic!("locks left after the requests ended: {left:?}");
-    }
+    assert_no_locks_left(&cluster, Duration::from_secs(5)).await;
 }
 
 fn answered(answers: &Answers, order: u32, status: u16) -> u64 {
@@ -204,10 +196,7 @@ async fn a_primary_killed_mid_hold_fails_over_to_its_replica() {
         layer.max_wait(Duration::from_millis(500))
     }))
     .await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client");
+    let http = http_client();
 
     cluster.nodes[primary].kill();
     let killed = Instant::now();
@@ -270,25 +259,12 @@ async fn a_primary_killed_mid_hold_fails_over_to_its_replica() {
     lock.release().await;
 
     // After the release the order is served again, and nothing is left.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let response = http
-            .post(format!("{url}/orders/5/pay"))
-            .send()
-            .await
-            .expect("the app answers");
-        if response.status() == StatusCode::OK {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {} after the release",
-            response.status()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    post_until_ok(
+        &http,
+        &format!("{url}/orders/5/pay"),
+        Duration::from_secs(15),
+    )
+    .await;
     assert!(cluster.wait_ok(Duration::from_secs(10)));
-    if let Err(left) = no_locks_left(&cluster, Duration::from_secs(5)).await {
-        panic!("locks left after the failover: {left:?}");
-    }
+    assert_no_locks_left(&cluster, Duration::from_secs(5)).await;
 }

@@ -17,7 +17,9 @@ use std::{
 };
 
 use http::StatusCode;
-use support::{Counter, app, netns::NetHost, redis_node_at, serve};
+use support::{
+    Counter, app, eventually, http_client, netns::NetHost, post_until_ok, redis_node_at, serve,
+};
 use tokio::time::Instant;
 use tower_redis_lock::{Locker, RedlockBackend};
 
@@ -38,27 +40,27 @@ fn instance(hosts: &[NetHost]) -> RedlockBackend {
     RedlockBackend::new(nodes).node_timeout(Duration::from_millis(300))
 }
 
-/// Waits (generously) until no host keeps a lock key; the keys left otherwise.
-async fn nothing_left(hosts: &[NetHost], within: Duration) -> Result<(), Vec<String>> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left: Vec<String> = hosts
-            .iter()
-            .enumerate()
-            .flat_map(|(n, host)| {
-                host.lock_keys()
-                    .into_iter()
-                    .map(move |k| format!("{n}:{k}"))
-            })
-            .collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(left);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// The lock keys on every host, as `<host>:<key>`.
+fn lock_keys_left(hosts: &[NetHost]) -> Vec<String> {
+    hosts
+        .iter()
+        .enumerate()
+        .flat_map(|(n, host)| {
+            host.lock_keys()
+                .into_iter()
+                .map(move |k| format!("{n}:{k}"))
+        })
+        .collect()
+}
+
+/// Waits (generously: orphans of late commands expire with their lease) until no host
+/// keeps a lock key.
+async fn assert_nothing_left(hosts: &[NetHost], within: Duration) {
+    assert!(
+        eventually(within, || lock_keys_left(hosts).is_empty()).await,
+        "lock keys left: {:?}",
+        lock_keys_left(hosts)
+    );
 }
 
 /// Two app instances and twelve clients on three orders; two hosts of five are cut off
@@ -83,10 +85,7 @@ async fn two_hosts_of_five_cut_off_mid_traffic_the_lock_goes_on() {
     // Per order: 200s in all, and 200s while the two hosts were cut off; other statuses.
     let served: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
     let others: Arc<Mutex<Vec<StatusCode>>> = Arc::default();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client");
+    let http = http_client();
     let mut clients = Vec::new();
     for client in 0..12 {
         let (stop, cut_off, served, others, http) = (
@@ -157,9 +156,7 @@ async fn two_hosts_of_five_cut_off_mid_traffic_the_lock_goes_on() {
         others.iter().all(|status| *status == StatusCode::CONFLICT),
         "with a majority reachable, requests get 200 or, contended past max_wait, 409: {others:?}"
     );
-    if let Err(left) = nothing_left(&hosts, TTL + Duration::from_secs(5)).await {
-        panic!("lock keys left a lease after the heal: {left:?}");
-    }
+    assert_nothing_left(&hosts, TTL + Duration::from_secs(5)).await;
 }
 
 /// Three hosts of five cut off: no majority, so the layer answers 503 with a problem
@@ -176,10 +173,7 @@ async fn three_hosts_of_five_cut_off_give_a_clean_503() {
         layer.ttl(TTL).max_wait(Duration::from_secs(1))
     }))
     .await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client");
+    let http = http_client();
 
     let started = Instant::now();
     let answers = futures_util::future::join_all((0..3).map(|order| {
@@ -213,28 +207,14 @@ async fn three_hosts_of_five_cut_off_give_a_clean_503() {
     for host in [0, 2, 4] {
         hosts[host].heal();
     }
-    // The pools' broken connections are replaced on the next use; give them a few tries.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let response = http
-            .post(format!("{url}/orders/9/pay"))
-            .send()
-            .await
-            .expect("the app answers");
-        if response.status() == StatusCode::OK {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {} after the heal",
-            response.status()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    post_until_ok(
+        &http,
+        &format!("{url}/orders/9/pay"),
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(counter.get("9").await, 1);
-    if let Err(left) = nothing_left(&hosts, TTL + Duration::from_secs(5)).await {
-        panic!("lock keys left a lease after the heal: {left:?}");
-    }
+    assert_nothing_left(&hosts, TTL + Duration::from_secs(5)).await;
 }
 
 /// A holder whose renewals keep a majority through a split of two hosts keeps its lock;
@@ -318,7 +298,5 @@ async fn a_holder_cut_off_from_its_majority_learns_it_before_anyone_gets_in() {
         "the second process got in {:?} before the holder's lease deadline",
         believed_until - granted
     );
-    if let Err(left) = nothing_left(&hosts, TTL + Duration::from_secs(5)).await {
-        panic!("lock keys left a lease after the end: {left:?}");
-    }
+    assert_nothing_left(&hosts, TTL + Duration::from_secs(5)).await;
 }

@@ -116,6 +116,19 @@ impl Channel {
             grant_channel,
         }
     }
+
+    /// A message heard on this channel, with the grant it carried if any: kept for its
+    /// waiter (the last [`GRANTS_KEPT`]), and every waiter woken.
+    fn heard(&mut self, grant: Option<Grant>) {
+        if let Some(grant) = grant {
+            if self.grants.len() == GRANTS_KEPT {
+                self.grants.pop_front();
+            }
+            self.grants.push_back(grant);
+        }
+        self.epoch += 1;
+        self.notify.notify_waiters();
+    }
 }
 
 /// A fair-mode grant as published by the release script: the grantee's token, the
@@ -547,26 +560,14 @@ async fn listen(notifier: Weak<Notifier>, stream: PubSubStream, generation: u64)
                     if let Some((channel, grant)) =
                         Grant::parse_directed(message.get_payload_bytes())
                     {
-                        let entry = state
+                        state
                             .channels
                             .entry(channel.to_owned())
-                            .or_insert_with(|| Channel::new(Instant::now(), false));
-                        if entry.grants.len() == GRANTS_KEPT {
-                            entry.grants.pop_front();
-                        }
-                        entry.grants.push_back(grant);
-                        entry.epoch += 1;
-                        entry.notify.notify_waiters();
+                            .or_insert_with(|| Channel::new(Instant::now(), false))
+                            .heard(Some(grant));
                     }
                 } else if let Some(entry) = state.channels.get_mut(name) {
-                    if let Some(grant) = Grant::parse(message.get_payload_bytes()) {
-                        if entry.grants.len() == GRANTS_KEPT {
-                            entry.grants.pop_front();
-                        }
-                        entry.grants.push_back(grant);
-                    }
-                    entry.epoch += 1;
-                    entry.notify.notify_waiters();
+                    entry.heard(Grant::parse(message.get_payload_bytes()));
                 }
             }
             None => {
@@ -584,8 +585,7 @@ async fn listen(notifier: Weak<Notifier>, stream: PubSubStream, generation: u64)
                 }
                 for entry in state.channels.values_mut() {
                     entry.subscription = None;
-                    entry.epoch += 1;
-                    entry.notify.notify_waiters();
+                    entry.heard(None);
                 }
                 return;
             }

@@ -557,6 +557,32 @@ pub async fn serve(router: Router) -> String {
     format!("http://{addr}")
 }
 
+/// An HTTP client whose every request is bounded, generously for a loaded machine.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("http client")
+}
+
+/// Posts to `url` until it answers 200, for up to `within` (after a fault heals, broken
+/// connections are replaced on their next use); panics with the last answer otherwise.
+pub async fn post_until_ok(http: &reqwest::Client, url: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let response = http.post(url).send().await.expect("the app answers");
+        if response.status() == StatusCode::OK {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{url} still answers {} after {within:?}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Polls `condition` every 20 ms for up to `within`; returns whether it came true.
 pub async fn eventually(within: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + within;

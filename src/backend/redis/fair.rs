@@ -127,9 +127,7 @@ impl RedisBackend {
         // This process's grant channel, for its next entries in any line (once per
         // connection; a failure leaves grants on the release channel).
         let grants = notifier.grant_channel(&self.config.prefix);
-        if !notifier.listens_on(&grants) {
-            let _ = tokio::time::timeout(timeout, notifier.listen_for_grants(&grants)).await;
-        }
+        let _ = tokio::time::timeout(timeout, notifier.listen_for_grants(&grants)).await;
         let ours = |notifier: &super::Notifier| {
             let grant = notifier.take_grant(&channel, token)?;
             // Without the refusal's time (never, with our scripts) a grant is not trusted.
