@@ -238,10 +238,13 @@ async fn hand_off_cap_lets_another_instance_in(instance: fn(&RedisServer) -> Red
         worker.await.unwrap();
     }
     eprintln!("A ran at most {most} critical sections before B got in");
-    // A's running line (at most CAP hand-offs after the holder B met), and a new line
-    // if B's first try lost the race to A's next asker.
+    // A's running line (at most CAP hand-offs after the holder B met), then a new line
+    // for each race B's try lost to A's next asker. Across processes it is a race (A's
+    // asker steps aside only 5 ms for a notified B, which a loaded two-core machine can
+    // miss: 10 sections were seen in CI); without the cap A's line never ends and B
+    // waits past the 2 s above.
     assert!(
-        most <= 2 * (CAP as usize + 1),
+        most <= 4 * (CAP as usize + 1),
         "A ran {most} critical sections before B got in"
     );
 }
