@@ -22,6 +22,13 @@ use tokio::{sync::oneshot, time::Instant};
 
 use crate::{key::LockKey, observe};
 
+/// In fair mode, how many requests that join a process's line after its grant may still
+/// be served in that turn. Strict first come, first served (0) makes every turn of a small
+/// process (2 workers) two critical sections for one cross-process hand-over; one more
+/// spreads that hand-over over three, and a turn stays at most one section longer than
+/// its waiters, so a request still waits at most about two rounds of the line.
+pub(crate) const LATE_ARRIVALS_PER_TURN: u32 = 1;
+
 /// The queues of one layer or locker, by key. A key has an entry while someone of this
 /// process holds its lock or has the turn to ask for it.
 pub(crate) struct Line<T> {
@@ -35,7 +42,8 @@ struct KeyLine<T> {
     /// Hand-offs since the lock last came from the backend.
     hand_offs: u32,
     /// In fair mode, the hand-offs this holding may make: the waiters already in line
-    /// when the lock came from the backend (at most the cap). `None`: the cap.
+    /// when the lock came from the backend and [`LATE_ARRIVALS_PER_TURN`] more (at most
+    /// the cap). `None`: the cap.
     budget: Option<u32>,
 }
 
@@ -94,16 +102,18 @@ impl<T> Turn<T> {
     }
 
     /// As [`used`](Self::used), in fair mode: the lock came from the line in the backend,
-    /// where waiters of other processes stand. It may pass down this process's line only
-    /// to the waiters already queued here (they stood behind this process's entry), up to
-    /// the cap; those who come later queue again in the backend, behind the others.
+    /// where waiters of other processes stand. It may pass down this process's line to
+    /// the waiters already queued here (they stood behind this process's entry) and to
+    /// [`LATE_ARRIVALS_PER_TURN`] who come later, up to the cap; the rest queue again in
+    /// the backend, behind the others.
     pub(crate) fn used_fairly(mut self) {
         if let Some(queues) = self.queues.take()
             && let Some(queue) = queues.keys().get_mut(&self.key)
         {
             queue.hand_offs = 0;
             let waiting = u32::try_from(queue.waiters.len()).unwrap_or(u32::MAX);
-            queue.budget = Some(waiting.min(queues.max_hand_offs));
+            let budget = waiting.saturating_add(LATE_ARRIVALS_PER_TURN);
+            queue.budget = Some(budget.min(queues.max_hand_offs));
         }
     }
 }

@@ -149,10 +149,11 @@ mod tests {
 
     /// Two processes (two local lines) on one fair backend. Process P is granted the lock
     /// with one more request already waiting in its line: that one gets it by hand-off,
-    /// but a request of P that comes later queues behind process Q's, which was in the
+    /// and so does the first request of P that comes later (the one late arrival a turn
+    /// serves), but the second late one queues behind process Q's, which was in the
     /// backend's line first.
     #[tokio::test(start_paused = true)]
-    async fn hand_offs_go_only_to_those_waiting_when_the_grant_came() {
+    async fn hand_offs_go_to_those_waiting_when_the_grant_came_and_one_more() {
         let backend = InMemoryBackend::new().with_fairness(true);
         let key = LockKey::from("hot");
         let (p, q) = (Line::new(8), Line::new(8));
@@ -179,11 +180,13 @@ mod tests {
         assert_eq!(backend.queued_count(), 2);
         holder.guard.release(Duration::from_secs(1)).await;
         tokio::time::sleep(Duration::from_millis(15)).await; // p1 holds, p2 is next
-        let p3 = request("p3", &p); // came after the grant
-        for task in [p1, p2, q1, p3] {
+        let p3 = request("p3", &p); // came after the grant: the turn's late arrival
+        tokio::task::yield_now().await;
+        let p4 = request("p4", &p); // came after the grant, one too many
+        for task in [p1, p2, q1, p3, p4] {
             task.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), ["p1", "p2", "q1", "p3"]);
+        assert_eq!(*order.lock().unwrap(), ["p1", "p2", "p3", "q1", "p4"]);
         assert_eq!(backend.queued_count(), 0);
         assert_eq!(backend.held_count(), 0);
         assert_eq!(p.busy_keys() + q.busy_keys(), 0);

@@ -434,10 +434,11 @@ impl<Backend: FairBackend> Locker<Backend> {
     /// kept in the backend (on Redis, the list `<prefix>{<key>}:queue` and the sorted set
     /// `<prefix>{<key>}:timeouts`, in the lock's hash slot; one entry per process and key,
     /// standing for the head of its local line). A release gives the lock straight to the
-    /// first live entry, in the same script, and tells it on the lock's release channel:
-    /// the grantee holds the lock without another round trip. It then passes the lock
-    /// down its local line to the requests that were already waiting there (at most
-    /// [`max_hand_offs`](Self::max_hand_offs)), and releases to the next process in line.
+    /// first live entry, in the same script, and tells that process alone on a channel
+    /// of its own: the grantee holds the lock without another round trip. It then passes
+    /// the lock down its local line to the requests that were already waiting there and
+    /// to one that came later (at most [`max_hand_offs`](Self::max_hand_offs) in all),
+    /// and releases to the next process in line.
     ///
     /// Entries expire with their waiter's `max_wait` plus 500 ms, so a waiter that died
     /// holds up nobody once that has passed; a waiter that gives up or is dropped takes
