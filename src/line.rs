@@ -26,7 +26,8 @@ use crate::{key::LockKey, observe};
 /// be served in that turn. Strict first come, first served (0) makes every turn of a small
 /// process (2 workers) two critical sections for one cross-process hand-over; one more
 /// spreads that hand-over over three, and a turn stays at most one section longer than
-/// its waiters, so a request still waits at most about two rounds of the line.
+/// its waiters, so a request waits at most one round of the line plus one request per
+/// process ahead of it.
 pub(crate) const LATE_ARRIVALS_PER_TURN: u32 = 1;
 
 /// The queues of one layer or locker, by key. A key has an entry while someone of this

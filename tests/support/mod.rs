@@ -432,9 +432,9 @@ impl Harness for Cluster {
             .expect("cluster urls");
         let client =
             deadpool_redis::redis::Client::open(self.cluster.urls()[0].clone()).expect("redis url");
-        // Longer than the single server's 500 ms: a fresh cluster pool connects to every
-        // node and reads the slot map on first use, and 64 requests at once on two cores
-        // (Redis 6.2 in CI) took longer than 500 ms for that, answering 503.
+        // Longer than the single server's 500 ms: with 500 ms, 64 requests at once on two
+        // cores (Redis 6.2 in CI) got a 503; likely the fresh pool's first use, which
+        // connects to every node and reads the slot map (not confirmed).
         RedisBackend::cluster(pool)
             .command_timeout(Duration::from_secs(2))
             .notify_with(client)
