@@ -32,6 +32,8 @@ use crate::{
 pub(crate) struct Observed {
     pub(crate) hot_keys: HotKeys,
     pub(crate) ttl: TtlAdvice,
+    /// The keys of the class's per-request metrics.
+    pub(crate) metrics: ClassMetrics,
 }
 
 impl std::fmt::Debug for Observed {
@@ -42,11 +44,51 @@ impl std::fmt::Debug for Observed {
 }
 
 impl Observed {
-    pub(crate) fn new(hot_keys: usize) -> Arc<Self> {
+    pub(crate) fn new(class: &Arc<str>, hot_keys: usize) -> Arc<Self> {
         Arc::new(Self {
             hot_keys: HotKeys::new(hot_keys),
             ttl: TtlAdvice::default(),
+            metrics: ClassMetrics::new(class),
         })
+    }
+}
+
+/// The keys of the metrics every request of a class records, built once per class: the
+/// `metrics` macros would build (allocate and hash) a labelled key on every call, even
+/// with no recorder installed. The recorder is still looked up on every call, so one
+/// installed later (or a thread's local one) sees every request after it.
+pub(crate) struct ClassMetrics {
+    #[cfg(feature = "metrics")]
+    requests: [metrics::Key; Outcome::ALL.len()],
+    #[cfg(feature = "metrics")]
+    wait: metrics::Key,
+    #[cfg(feature = "metrics")]
+    hold: metrics::Key,
+}
+
+/// What the macros would give these metrics: this module as target, at INFO.
+#[cfg(feature = "metrics")]
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+impl ClassMetrics {
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn new(class: &Arc<str>) -> Self {
+        #[cfg(feature = "metrics")]
+        let labelled = |name: &'static str, more: Option<&'static str>| {
+            let mut labels = vec![metrics::Label::new("class", class.clone())];
+            labels.extend(more.map(|outcome| metrics::Label::new("outcome", outcome)));
+            metrics::Key::from_parts(name, labels)
+        };
+        Self {
+            #[cfg(feature = "metrics")]
+            requests: Outcome::ALL
+                .map(|outcome| labelled("lock_requests_total", Some(outcome.as_str()))),
+            #[cfg(feature = "metrics")]
+            wait: labelled("lock_wait_seconds", None),
+            #[cfg(feature = "metrics")]
+            hold: labelled("lock_hold_seconds", None),
+        }
     }
 }
 
@@ -63,6 +105,18 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (the index of each is its discriminant).
+    #[cfg(feature = "metrics")]
+    const ALL: [Outcome; 7] = [
+        Outcome::Acquired,
+        Outcome::Contended,
+        Outcome::Unavailable,
+        Outcome::NoKey,
+        Outcome::InvalidKey,
+        Outcome::Lost,
+        Outcome::AlreadyHeld,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Acquired => "acquired",
@@ -76,10 +130,12 @@ impl Outcome {
     }
 }
 
-pub(crate) fn outcome(class: &Arc<str>, outcome: Outcome) {
+pub(crate) fn outcome(class: &ClassMetrics, outcome: Outcome) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("lock_requests_total", "class" => class.clone(), "outcome" => outcome.as_str())
-        .increment(1);
+    metrics::with_recorder(|recorder| {
+        recorder.register_counter(&class.requests[outcome as usize], &METADATA)
+    })
+    .increment(1);
     #[cfg(not(feature = "metrics"))]
     let _ = (class, outcome);
 }
@@ -91,16 +147,18 @@ pub(crate) fn lost(class: &Arc<str>) {
     let _ = class;
 }
 
-pub(crate) fn waited(class: &Arc<str>, wait: Duration) {
+pub(crate) fn waited(class: &ClassMetrics, wait: Duration) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("lock_wait_seconds", "class" => class.clone()).record(wait);
+    metrics::with_recorder(|recorder| recorder.register_histogram(&class.wait, &METADATA))
+        .record(wait);
     #[cfg(not(feature = "metrics"))]
     let _ = (class, wait);
 }
 
-pub(crate) fn held(class: &Arc<str>, hold: Duration) {
+pub(crate) fn held(class: &ClassMetrics, hold: Duration) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("lock_hold_seconds", "class" => class.clone()).record(hold);
+    metrics::with_recorder(|recorder| recorder.register_histogram(&class.hold, &METADATA))
+        .record(hold);
     #[cfg(not(feature = "metrics"))]
     let _ = (class, hold);
 }

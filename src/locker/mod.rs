@@ -42,7 +42,7 @@ use crate::{
     key::{LockKey, MakeLockKey},
     line::Line,
     middleware::LockLayer,
-    observe::{self, Outcome},
+    observe::{self, ClassMetrics, Outcome},
     rejection::LockRejection,
 };
 
@@ -143,14 +143,14 @@ impl<Backend: LockBackend> Locker<Backend> {
             .settings
             .lock_key(key.into())
             .inspect_err(|rejection| {
-                observe::outcome(self.class(), rejection.outcome());
+                observe::outcome(self.metrics(), rejection.outcome());
             })?;
         #[cfg(feature = "axum")]
         if let Some(request) = &self.request
             && request.keys().contains(&key)
         {
             tracing::error!(%key, "a request asked again for a lock it holds");
-            observe::outcome(self.class(), Outcome::AlreadyHeld);
+            observe::outcome(self.metrics(), Outcome::AlreadyHeld);
             return Err(LockRejection::AlreadyHeld);
         }
         let Acquired { guard, held, .. } = self.acquire(key).await?;
@@ -194,8 +194,8 @@ impl<Backend: LockBackend> Locker<Backend> {
         );
         match wait.await {
             Ok(acquired) => {
-                observe::outcome(self.class(), Outcome::Acquired);
-                observe::waited(self.class(), started.elapsed());
+                observe::outcome(self.metrics(), Outcome::Acquired);
+                observe::waited(self.metrics(), started.elapsed());
                 if acquired.contended {
                     let hot_keys = &self.settings.observed.hot_keys;
                     hot_keys.contended(self.class(), acquired.held.key());
@@ -204,7 +204,7 @@ impl<Backend: LockBackend> Locker<Backend> {
             }
             Err(err) => {
                 let rejection = self.settings.rejection(err);
-                observe::outcome(self.class(), rejection.outcome());
+                observe::outcome(self.metrics(), rejection.outcome());
                 if let LockRejection::Contended { .. } = rejection {
                     let hot_keys = &self.settings.observed.hot_keys;
                     hot_keys.contended(self.class(), &asked);
@@ -261,6 +261,11 @@ impl<Backend: LockBackend> Locker<Backend> {
 
     pub(crate) fn class(&self) -> &Arc<str> {
         self.settings.class()
+    }
+
+    /// The keys of this locker's per-request metrics.
+    pub(crate) fn metrics(&self) -> &ClassMetrics {
+        &self.settings.observed.metrics
     }
 
     /// How many keys this locker's requests hold or wait for in this process right now
@@ -484,7 +489,7 @@ impl<Backend: LockBackend + fmt::Debug> fmt::Debug for Locker<Backend> {
 /// the ttl advice (a gauge, and a warning when the ttl looks wrong for the work).
 pub(crate) fn hold_ended(settings: &LockSettings, hold: std::time::Duration) {
     let class = settings.class();
-    observe::held(class, hold);
+    observe::held(&settings.observed.metrics, hold);
     let renew_every = settings.renew_every();
     let advice = &settings.observed.ttl;
     if let Some(verdict) = advice.hold(hold, settings.ttl, renew_every) {

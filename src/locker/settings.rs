@@ -109,12 +109,14 @@ pub(crate) struct LockSettings {
 
 impl Default for LockSettings {
     fn default() -> Self {
+        let class = MetricsClass::from_prefix("");
         Self {
+            observed: Observed::new(class.label(), DEFAULT_HOT_KEYS),
             ttl: DEFAULT_TTL,
             max_wait: DEFAULT_MAX_WAIT,
             backoff: DEFAULT_BACKOFF,
             key_prefix: Arc::from(""),
-            class: MetricsClass::from_prefix(""),
+            class,
             max_key_len: DEFAULT_MAX_KEY_LEN,
             contended_status: StatusCode::CONFLICT,
             retry_after_cap: DEFAULT_RETRY_AFTER_CAP,
@@ -122,7 +124,6 @@ impl Default for LockSettings {
             renewal: Renewal::Auto,
             kind: None,
             hot_keys: DEFAULT_HOT_KEYS,
-            observed: Observed::new(DEFAULT_HOT_KEYS),
         }
     }
 }
@@ -140,7 +141,7 @@ impl LockSettings {
     pub(crate) fn set_class(&mut self, class: MetricsClass) {
         let class = class.with_kind(self.kind);
         if class != self.class {
-            self.observed = Observed::new(self.hot_keys);
+            self.observed = Observed::new(class.label(), self.hot_keys);
         }
         self.class = class;
     }
@@ -158,7 +159,7 @@ impl LockSettings {
     /// Tracks the `capacity` most contended keys, starting afresh.
     pub(crate) fn set_hot_keys(&mut self, capacity: usize) {
         self.hot_keys = capacity;
-        self.observed = Observed::new(capacity);
+        self.observed = Observed::new(self.class(), capacity);
     }
 
     /// The metrics label of these locks.

@@ -108,7 +108,7 @@ where
         let key = match key {
             Ok(key) => key,
             Err(rejection) => {
-                observe::outcome(class, rejection.outcome());
+                observe::outcome(locker.metrics(), rejection.outcome());
                 let response = self.settings.respond(&rejection);
                 return ResponseFuture::rejected(response, self.settings.clone());
             }
