@@ -667,6 +667,21 @@ struct KeyArg<'a> {
 impl ToRedisArgs for KeyArg<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
         use std::io::Write;
+        let key = self.key.as_str();
+        let len = self.prefix.len() + key.len() + 2 + self.suffix.len();
+        let mut text = [0; 192];
+        if len <= text.len() && !key.is_empty() && !key.bytes().any(|b| b == b'}' || b == b'%') {
+            // The usual key, tagged as it is, assembled on the stack and written in one
+            // piece: part by part through the argument's writer cost about 400
+            // instructions an argument.
+            let mut at = 0;
+            for part in [self.prefix, "{", key, "}", self.suffix] {
+                text[at..at + part.len()].copy_from_slice(part.as_bytes());
+                at += part.len();
+            }
+            out.write_arg(&text[..len]);
+            return;
+        }
         let mut arg = out.writer_for_next_arg();
         // Writes into the command's buffer cannot fail.
         let _ = arg.write_all(self.prefix.as_bytes());
@@ -869,6 +884,20 @@ mod tests {
         for key in hostile {
             assert!(!tag(key).contains('}'), "{key:?} ends its tag early");
             assert!(!tag(key).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_key_argument_is_the_key_the_backend_names() {
+        let backend = RedisBackend::from_url("redis://127.0.0.1:1").expect("a valid URL");
+        let long = "k".repeat(300);
+        for key in ["order:42", "{a}", "50%", "", &long] {
+            let key = LockKey::from(key);
+            for suffix in ["", ":fence", ":waiters"] {
+                let written = backend.key_arg(&key, suffix).to_redis_args().concat();
+                let named = backend.key_with_suffix(&key, suffix);
+                assert_eq!(written, named.as_bytes(), "{key:?} with {suffix:?}");
+            }
         }
     }
 
