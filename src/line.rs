@@ -237,15 +237,25 @@ impl<T> Line<T> {
     }
 
     /// Gives the lock to the first waiter still waiting, unless the hand-off cap is
-    /// reached. The offer comes back when nobody took it.
-    pub(crate) fn hand_off(&self, key: &LockKey, mut offer: T) -> Result<(), T> {
+    /// reached. The offer is made (by `offer`, which may decline with `None`) only when
+    /// someone waits, as the lock's release is usually uncontended; it comes back when
+    /// made and nobody took it.
+    pub(crate) fn hand_off(
+        &self,
+        key: &LockKey,
+        offer: impl FnOnce() -> Option<T>,
+    ) -> Result<(), Option<T>> {
         let mut keys = self.keys();
         let Some(queue) = keys.get_mut(key) else {
-            return Err(offer);
+            return Err(None);
         };
-        if queue.hand_offs >= queue.budget.unwrap_or(self.max_hand_offs) {
-            return Err(offer);
+        if queue.waiters.is_empty() || queue.hand_offs >= queue.budget.unwrap_or(self.max_hand_offs)
+        {
+            return Err(None);
         }
+        let Some(mut offer) = offer() else {
+            return Err(None);
+        };
         while let Some(waiter) = queue.waiters.pop_front() {
             match waiter.grant.send(Grant::HandOff(offer)) {
                 Ok(()) => {
@@ -259,7 +269,7 @@ impl<T> Line<T> {
                 Err(Grant::Turn { .. }) => unreachable!("a hand-off came back as a turn"),
             }
         }
-        Err(offer)
+        Err(Some(offer))
     }
 
     /// After a release in the backend (or a turn given up), gives the turn to ask the

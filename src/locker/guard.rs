@@ -145,24 +145,26 @@ impl<B: LockBackend> LockGuard<B> {
 
     /// Offers the lock to the next local waiter. True when one took it.
     fn try_hand_off(&mut self) -> bool {
-        let (true, Some(queue), Some(held)) = (self.may_hand_off, &self.queue, &self.held) else {
+        let (true, true, Some(queue), Some(held)) =
+            (self.may_hand_off, self.armed, &self.queue, &self.held)
+        else {
             return false;
         };
-        if !self.armed || held.is_lost() {
-            return false;
-        }
-        let offer = HandOff {
-            guard: LockGuard {
-                backend: self.backend.clone(),
-                key: self.key.clone(),
-                token: self.token,
-                armed: true,
-                held: None,
-                queue: Some(queue.clone()),
-                may_hand_off: true,
-            },
-            lease_deadline: held.lease_deadline(),
-            fenced: held.fencing_token().is_some(),
+        // Made only when someone waits: a copy of the guard, and a clock read.
+        let offer = || {
+            (!held.is_lost()).then(|| HandOff {
+                guard: LockGuard {
+                    backend: self.backend.clone(),
+                    key: self.key.clone(),
+                    token: self.token,
+                    armed: true,
+                    held: None,
+                    queue: Some(queue.clone()),
+                    may_hand_off: true,
+                },
+                lease_deadline: held.lease_deadline(),
+                fenced: held.fencing_token().is_some(),
+            })
         };
         match queue.hand_off(&self.key, offer) {
             Ok(()) => {
@@ -171,7 +173,9 @@ impl<B: LockBackend> LockGuard<B> {
                 true
             }
             Err(offer) => {
-                offer.guard.defuse();
+                if let Some(offer) = offer {
+                    offer.guard.defuse();
+                }
                 false
             }
         }
