@@ -105,7 +105,7 @@ pub struct Locker<Backend: LockBackend> {
 impl<Backend: LockBackend> Locker<Backend> {
     /// A locker on `backend` with the defaults: ttl 10 s renewed every 3.3 s, max wait
     /// 1 s, backoff 50 ms doubling to 250 ms with full jitter, 409 on contention,
-    /// `Retry-After` at most 1 s, keys up to 512 bytes, release awaited up to 200 ms, a
+    /// `Retry-After` at most 1 s, keys up to 512 bytes, release awaited up to 1 s, a
     /// local line with up to 8 hand-offs in a row.
     pub fn new(backend: Backend) -> Self {
         Self {
@@ -373,9 +373,13 @@ impl<Backend: LockBackend> Locker<Backend> {
         self
     }
 
-    /// How long to wait for a release to be confirmed (default 200 ms), so that the
-    /// client's next request does not meet its own lock. Past it the release goes on in
-    /// the background.
+    /// How long to wait for a release to be confirmed (default 1 s, the Redis command
+    /// timeout's default), so that the client's next request does not meet its own lock.
+    /// Past it the release goes on in the background.
+    ///
+    /// A wait shorter than the backend's command timeout answers sooner when Redis is
+    /// slow, at a price on the common path: on a multi-threaded runtime its timer, due
+    /// before the others, wakes a parked worker thread on every release.
     pub fn release_timeout(mut self, timeout: Duration) -> Self {
         self.settings_mut().release_timeout = timeout;
         self

@@ -250,7 +250,7 @@ impl<Backend: LockBackend, K> LockLayer<Backend, K> {
         self.map_locker(|locker| locker.retry_after_cap(cap))
     }
 
-    /// Sets the release wait: see [`Locker::release_timeout`] (default 200 ms).
+    /// Sets the release wait: see [`Locker::release_timeout`] (default 1 s).
     pub fn release_timeout(self, timeout: Duration) -> Self {
         self.map_locker(|locker| locker.release_timeout(timeout))
     }
