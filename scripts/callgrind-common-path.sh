@@ -3,7 +3,8 @@
 # noisy machine, unlike seconds): the common_path benchmark run twice under
 # `valgrind --tool=callgrind`, with --ops 1000 and --ops 3000 (each plus its 10 %
 # warm-up), on a redis-server of its own; the difference divided by the 2,200 extra
-# sections. Usage: scripts/callgrind-common-path.sh [baseline,locker,layer]
+# sections (OPS=n for --ops n instead of 3000: more sections, less noise from the runtime's
+# parking). Usage: [OPS=n] scripts/callgrind-common-path.sh [baseline,locker,layer]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,6 @@ instructions() { # mode ops
 
 for mode in ${modes//,/ }; do
   small=$(instructions "$mode" 1000)
-  large=$(instructions "$mode" 3000)
-  echo "$mode: $(((large - small) / 2200)) instructions per critical section"
+  large=$(instructions "$mode" "${OPS:-3000}")
+  echo "$mode: $(((large - small) * 10 / 11 / (${OPS:-3000} - 1000))) instructions per critical section"
 done

@@ -412,10 +412,13 @@ impl RedisBackend {
             }
             return result;
         }
-        self.guarded(async {
+        // Boxed: connecting (and every Cluster command) takes this way; inline, its
+        // future (a timer, the connect, the send) would be carried and moved by every
+        // operation's.
+        Box::pin(self.guarded(async {
             let mut conn = self.connection.get().await?;
             send(&mut conn, cmd, script).await.map_err(classify)
-        })
+        }))
         .await
     }
 

@@ -84,7 +84,11 @@ pub(crate) async fn acquire<B: LockBackend>(
     let (turn, queued) = match queues.enter(&key) {
         Entry::Turn(turn) => (turn, false),
         Entry::Queued(place) => match place.wait(deadline).await {
-            Some(Grant::HandOff(offer)) => return take_over(offer, policy, deadline).await,
+            // Boxed: a hand-off is the contended path; inline, its attempt's future would
+            // be carried and moved by every acquisition's.
+            Some(Grant::HandOff(offer)) => {
+                return Box::pin(take_over(offer, policy, deadline)).await;
+            }
             Some(Grant::Turn { turn, step_aside }) => {
                 let pause = match step_aside {
                     StepAside::No => Duration::ZERO,
