@@ -209,9 +209,9 @@ async fn a_late_release_of_a_failed_attempt_cannot_delete_a_later_grant() {
             .unwrap(),
         Acquire::Acquired { .. }
     ));
-    // The acquire script names the fence key; the release script the release channel.
+    // Both scripts name the waiters' mark; only the acquire script the fence key.
     proxy.delay_reply_to_request_containing(":fence", Duration::from_secs(1));
-    proxy.delay_request_containing(":released", Duration::from_secs(1));
+    proxy.delay_request_containing_but_not(":waiters", ":fence", Duration::from_secs(1));
 
     let locker = Locker::new(backend)
         .without_local_queue()

@@ -520,7 +520,7 @@ impl RedisBackend {
         publish: bool,
     ) -> Result<Released, BackendError> {
         let mut buffer = Uuid::encode_buffer();
-        let mut cmd = self.evalsha(&RELEASE, key, &[":released", ":waiters"]);
+        let mut cmd = self.evalsha(&RELEASE, key, &[":waiters"]);
         cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
             .arg(if publish { "1" } else { "0" });
         let reply: u64 = self.query(&cmd, Some(&RELEASE)).await?;

@@ -101,10 +101,13 @@ return {0, pttl}
     )
 });
 
-/// `KEYS[1]` lock key, `KEYS[2]` release channel, `KEYS[3]` waiter mark, `ARGV[1]` token,
-/// `ARGV[2]` `1` to tell waiters. Deletes the lock only if the token holds it, and the
-/// mark with it (one `DEL`); if there was a mark (another token's: a holder clears its
-/// own when it acquires), publishes on the channel so that waiters wake at once. Three
+/// `KEYS[1]` lock key, `KEYS[2]` waiter mark, `ARGV[1]` token, `ARGV[2]` `1` to tell
+/// waiters, `ARGV[3]` the release channel when it is not `KEYS[1]` with `:released` (a
+/// read/write lock's writer). Deletes the lock only if the token holds it, and the mark
+/// with it (one `DEL`); if there was a mark (another token's: a holder clears its own
+/// when it acquires), publishes on the channel so that waiters wake at once. The channel
+/// is named here rather than sent: almost no release publishes, and every argument costs
+/// the server a Lua string and the client its writing. Three
 /// calls when nobody waits (`EVALSHA`, `GET`, `DEL`). Undoing a failed Redlock attempt
 /// tells nobody and leaves the mark: nobody waited for that grant, and the waiter undoing
 /// it would wake itself.
@@ -127,10 +130,10 @@ if ARGV[2] ~= '1' then
   redis.call('DEL', KEYS[1])
   return 1
 end
-if redis.call('DEL', KEYS[1], KEYS[3]) == 1 then
+if redis.call('DEL', KEYS[1], KEYS[2]) == 1 then
   return 1
 end
-local receivers = redis.pcall('PUBLISH', KEYS[2], '')
+local receivers = redis.pcall('PUBLISH', ARGV[3] or (KEYS[1] .. ':released'), '')
 if type(receivers) ~= 'number' then
   receivers = 0
 end
