@@ -120,6 +120,51 @@ async fn frozen_redis_answers_503_within_the_timeout() {
     );
 }
 
+/// The release is bounded by the command timeout alone when that is no longer than the
+/// release wait (no timer of the locker's own, see `Locker::release_timeout`): a Redis
+/// that freezes while a handler works delays its response by about the command timeout,
+/// never for good, and the release goes on in the background once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_redis_does_not_answer_delays_the_response_by_the_command_timeout() {
+    let server = RedisServer::spawn();
+    // The release wait (default 1 s) is longer than this backend's 500 ms command timeout.
+    let router = app(backend(&server), Counter::Local(Default::default()), |layer| layer);
+    let url = serve(router).await;
+    let request = tokio::spawn({
+        let url = url.clone();
+        async move { pay(&url, "frozen", "work_ms=800").await.status() }
+    });
+    let mut held = false;
+    for _ in 0..100 {
+        held = server.query::<i64>(cmd("EXISTS").arg("lock:{order:frozen}")) == 1;
+        if held {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(held, "the handler never held its lock");
+    server.pause();
+    let paused = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .expect("the response never came")
+        .unwrap();
+    let waited = paused.elapsed();
+    server.resume();
+    assert_eq!(status, StatusCode::OK);
+    // The rest of the work (under 800 ms) and one 500 ms command timeout, with room.
+    assert!(waited < Duration::from_secs(5), "took {waited:?}");
+    let mut gone = false;
+    for _ in 0..100 {
+        gone = server.query::<i64>(cmd("EXISTS").arg("lock:{order:frozen}")) == 0;
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gone, "the lock outlived its request once Redis was back");
+}
+
 /// `SCRIPT FLUSH` (as after a restart or failover) makes EVALSHA fail with NOSCRIPT; the
 /// backend loads the script again and carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::{key::LockKey, kind::LockKind};
 
+mod bounded;
 #[cfg(feature = "redis")]
 mod connection;
 #[cfg(feature = "redis")]
@@ -28,6 +29,7 @@ mod redlock;
 mod scripts;
 mod wake;
 
+pub(crate) use self::bounded::release_within;
 pub use self::fair::FairBackend;
 pub use self::memory::InMemoryBackend;
 pub(crate) use self::wake::{attempt, release_epoch, wait_for_release};

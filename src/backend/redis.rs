@@ -422,6 +422,14 @@ impl RedisBackend {
         .await
     }
 
+    /// Whether every release of this backend ends within `timeout` on its own (see
+    /// `bounded`): a plain (not fair) release on one server is one script, each round
+    /// trip bounded by the command timeout. Cluster commands are bounded as a whole, by
+    /// a timer of their own.
+    pub(crate) fn bounds_release_within(&self, timeout: Duration) -> bool {
+        !self.config.fair && !self.connection.is_cluster() && self.config.command_timeout <= timeout
+    }
+
     /// One acquisition attempt. Without fencing, the first attempt of a token is a plain
     /// `SET NX PX`, and the script runs only when that is refused; a token refused before
     /// (`again`), and every attempt with fencing, goes to the script at once.

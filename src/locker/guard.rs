@@ -198,8 +198,8 @@ impl<B: LockBackend> LockGuard<B> {
         if !self.armed {
             return ReleaseOutcome::Unconfirmed; // Drop gives the queue its next turn
         }
-        match tokio::time::timeout(timeout, self.backend.release(&self.key, self.token)).await {
-            Ok(Ok(released)) => {
+        match crate::backend::release_within(&self.backend, &self.key, self.token, timeout).await {
+            Some(Ok(released)) => {
                 self.armed = false;
                 if let Some(queue) = self.queue.take() {
                     queue.pass_turn(&self.key, step_aside_after(&released));
@@ -208,11 +208,11 @@ impl<B: LockBackend> LockGuard<B> {
                     was_held: released.was_held,
                 }
             }
-            Ok(Err(err)) => {
+            Some(Err(err)) => {
                 tracing::warn!(key = %self.key, error = %err, "lock release failed; retrying in the background");
                 ReleaseOutcome::Unconfirmed
             }
-            Err(_) => {
+            None => {
                 tracing::warn!(key = %self.key, ?timeout, "lock release timed out; retrying in the background");
                 ReleaseOutcome::Unconfirmed
             }

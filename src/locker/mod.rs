@@ -377,9 +377,12 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// timeout's default), so that the client's next request does not meet its own lock.
     /// Past it the release goes on in the background.
     ///
-    /// A wait shorter than the backend's command timeout answers sooner when Redis is
-    /// slow, at a price on the common path: on a multi-threaded runtime its timer, due
-    /// before the others, wakes a parked worker thread on every release.
+    /// On a [`RedisBackend`](crate::backend::RedisBackend) whose command timeout is no
+    /// longer, no timer of the locker's own is set: the command timeout bounds each round
+    /// trip of the release (a release that must first load its script into a restarted
+    /// server makes three). A shorter wait answers sooner when Redis is slow, at a price
+    /// on the common path: its timer, and, on a multi-threaded runtime, a wake of a
+    /// parked worker thread on every release (the timer is due before the others).
     pub fn release_timeout(mut self, timeout: Duration) -> Self {
         self.settings_mut().release_timeout = timeout;
         self

@@ -31,10 +31,10 @@ pub(crate) const DEFAULT_BACKOFF: Backoff = Backoff {
 /// Default cap on `Retry-After`.
 pub(crate) const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(1);
 /// Default bound on awaiting the release before the response is returned: Redis's
-/// default command timeout, which bounds the release anyway. A shorter wait costs more
-/// than its timer: a timer due before the runtime's others wakes a parked worker thread
-/// to re-arm its clock, once per release (about 0.85× the hand-rolled lock's
-/// uncontended throughput with 200 ms, 0.97–1.0× with this; `benches/common_path.rs`).
+/// default command timeout, which bounds the release anyway, so that no timer of ours is
+/// needed (`backend::release_within`). A shorter wait costs its timer and a wake of a
+/// parked worker thread, once per release (about 0.85× the hand-rolled lock's
+/// uncontended throughput with 200 ms, 0.97–1.0× with 1 s; `benches/common_path.rs`).
 pub(crate) const DEFAULT_RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default longest accepted key, in bytes.
 pub(crate) const DEFAULT_MAX_KEY_LEN: usize = 512;
