@@ -36,7 +36,9 @@
 //!   hold measured inside the critical sections;
 //! - `violations`: critical sections that found their key occupied (must be 0).
 //!
-//! Then, per scenario, one line of ratios against the baseline (medians over the rounds).
+//! Then, per scenario, one line of ratios against the baseline: each round's against the
+//! same round's baseline, the median over the rounds (each round starts with the next
+//! mode).
 
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
@@ -579,7 +581,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let ops = args.ops.unwrap_or(scenario.default_ops);
         let mut results: HashMap<&str, Vec<Measured>> = HashMap::new();
         for round in 0..args.rounds {
-            for &mode in &args.modes {
+            // Each round starts with the next mode, so that a machine that slows down or
+            // speeds up during the run favours no mode.
+            let modes = args.modes.len();
+            for turn in 0..modes {
+                let mode = args.modes[(round + turn) % modes];
                 let measured = measure(scenario, mode, round, &url, ops, &mut stats).await;
                 results.entry(mode.name()).or_default().push(measured);
             }
@@ -587,26 +593,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let Some(baseline) = results.get("baseline") else {
             continue;
         };
-        let summary = |runs: &[Measured]| {
-            (
-                median(runs.iter().map(|m| m.ops_per_s).collect()),
-                median(runs.iter().map(|m| m.redis_cpu).collect()),
-                median(runs.iter().map(|m| m.client_cpu).collect()),
-                median(runs.iter().map(|m| m.redis_calls).collect()),
-            )
+        // Each round's figure against the same round's baseline, then the median of those
+        // ratios: the rounds move by up to ±20 % on a shared machine, the modes of one
+        // round far less.
+        let ratio = |runs: &[Measured], figure: fn(&Measured) -> f64| {
+            round2(median(
+                runs.iter()
+                    .zip(baseline)
+                    .map(|(this, base)| figure(this) / figure(base))
+                    .collect(),
+            ))
         };
-        let base = summary(baseline);
         let mut ratios = serde_json::Map::new();
         for mode in [Mode::Locker, Mode::Layer] {
             if let Some(runs) = results.get(mode.name()) {
-                let this = summary(runs);
                 ratios.insert(
                     mode.name().into(),
                     serde_json::json!({
-                        "ops_per_s": round2(this.0 / base.0),
-                        "redis_cpu_per_op": round2(this.1 / base.1),
-                        "client_cpu_per_op": round2(this.2 / base.2),
-                        "redis_calls_per_op": round2(this.3 / base.3),
+                        "ops_per_s": ratio(runs, |m| m.ops_per_s),
+                        "redis_cpu_per_op": ratio(runs, |m| m.redis_cpu),
+                        "client_cpu_per_op": ratio(runs, |m| m.client_cpu),
+                        "redis_calls_per_op": ratio(runs, |m| m.redis_calls),
                     }),
                 );
             }

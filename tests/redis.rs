@@ -128,7 +128,11 @@ async fn frozen_redis_answers_503_within_the_timeout() {
 async fn a_release_that_redis_does_not_answer_delays_the_response_by_the_command_timeout() {
     let server = RedisServer::spawn();
     // The release wait (default 1 s) is longer than this backend's 500 ms command timeout.
-    let router = app(backend(&server), Counter::Local(Default::default()), |layer| layer);
+    let router = app(
+        backend(&server),
+        Counter::Local(Default::default()),
+        |layer| layer,
+    );
     let url = serve(router).await;
     let request = tokio::spawn({
         let url = url.clone();

@@ -183,6 +183,19 @@ async fn behind_a_proxy(redlock: &Redlock) -> (Proxy, RedlockBackend) {
     let (warm_up, token) = (LockKey::from("warm-up"), Uuid::new_v4());
     backend.try_acquire(&warm_up, token, TTL).await.unwrap();
     backend.release(&warm_up, token).await.unwrap();
+    // And the undo's: an attempt that only X grants is undone there.
+    let blocker = Uuid::new_v4();
+    for server in &redlock.servers[1..] {
+        redis_node(server)
+            .try_acquire(&warm_up, blocker, TTL)
+            .await
+            .unwrap();
+    }
+    let refused = backend.try_acquire(&warm_up, token, TTL).await.unwrap();
+    assert!(matches!(refused, Acquire::Held { .. }), "{refused:?}");
+    for server in &redlock.servers[1..] {
+        redis_node(server).release(&warm_up, blocker).await.unwrap();
+    }
     (proxy, backend)
 }
 
@@ -209,9 +222,10 @@ async fn a_late_release_of_a_failed_attempt_cannot_delete_a_later_grant() {
             .unwrap(),
         Acquire::Acquired { .. }
     ));
-    // Both scripts name the waiters' mark; only the acquire script the fence key.
+    // The acquire script names the fence key; the undo script names the lock key alone,
+    // followed by the token (36 bytes).
     proxy.delay_reply_to_request_containing(":fence", Duration::from_secs(1));
-    proxy.delay_request_containing_but_not(":waiters", ":fence", Duration::from_secs(1));
+    proxy.delay_request_containing("{order:late}\r\n$36\r\n", Duration::from_secs(1));
 
     let locker = Locker::new(backend)
         .without_local_queue()

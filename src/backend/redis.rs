@@ -15,7 +15,7 @@ use super::{
     Acquire, BackendError, ConfigError, LockBackend, Released,
     connection::{Conn, Pools, SharedConnection},
     notify::{Notifier, Source},
-    scripts::{ACQUIRE, EXTEND, RELEASE},
+    scripts::{ACQUIRE, EXTEND, RELEASE, UNDO},
 };
 use crate::{key::LockKey, kind::LockKind};
 
@@ -520,17 +520,11 @@ impl RedisBackend {
             .await
     }
 
-    /// Runs the release script; `publish` tells waiters elsewhere.
-    async fn release_script(
-        &self,
-        key: &LockKey,
-        token: Uuid,
-        publish: bool,
-    ) -> Result<Released, BackendError> {
+    /// Runs the release script (`scripts::RELEASE`), which tells waiters elsewhere.
+    async fn release_script(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
         let mut buffer = Uuid::encode_buffer();
         let mut cmd = self.evalsha(&RELEASE, key, &[":waiters"]);
-        cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
-            .arg(if publish { "1" } else { "0" });
+        cmd.arg(&*token.hyphenated().encode_lower(&mut buffer));
         let reply: u64 = self.query(&cmd, Some(&RELEASE)).await?;
         Ok(self.release_reply(key, reply))
     }
@@ -569,7 +563,11 @@ impl RedisBackend {
     /// Undoes an acquisition nobody may know of (a failed Redlock attempt): a release
     /// that tells no waiter.
     pub(crate) async fn undo(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
-        self.release_script(key, token, false).await
+        let mut buffer = Uuid::encode_buffer();
+        let mut cmd = self.evalsha(&UNDO, key, &[]);
+        cmd.arg(&*token.hyphenated().encode_lower(&mut buffer));
+        let reply: u64 = self.query(&cmd, Some(&UNDO)).await?;
+        Ok(self.release_reply(key, reply))
     }
 
     /// Drops the shared connection: the next operation takes a fresh one.
@@ -766,7 +764,7 @@ impl LockBackend for RedisBackend {
         if self.config.fair {
             return self.fair_release(key, token).await;
         }
-        self.release_script(key, token, true).await
+        self.release_script(key, token).await
     }
 
     async fn extend(

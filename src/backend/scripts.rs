@@ -101,16 +101,14 @@ return {0, pttl}
     )
 });
 
-/// `KEYS[1]` lock key, `KEYS[2]` waiter mark, `ARGV[1]` token, `ARGV[2]` `1` to tell
-/// waiters, `ARGV[3]` the release channel when it is not `KEYS[1]` with `:released` (a
-/// read/write lock's writer). Deletes the lock only if the token holds it, and the mark
-/// with it (one `DEL`); if there was a mark (another token's: a holder clears its own
-/// when it acquires), publishes on the channel so that waiters wake at once. The channel
-/// is named here rather than sent: almost no release publishes, and every argument costs
-/// the server a Lua string and the client its writing. Three
-/// calls when nobody waits (`EVALSHA`, `GET`, `DEL`). Undoing a failed Redlock attempt
-/// tells nobody and leaves the mark: nobody waited for that grant, and the waiter undoing
-/// it would wake itself.
+/// `KEYS[1]` lock key, `KEYS[2]` waiter mark, `ARGV[1]` token, `ARGV[2]` the release
+/// channel when it is not `KEYS[1]` with `:released` (a read/write lock's writer).
+/// Deletes the lock only if the token holds it, and the mark with it (one `DEL`); if
+/// there was a mark (another token's: a holder clears its own when it acquires),
+/// publishes on the channel so that waiters wake at once. Three calls when nobody waits
+/// (`EVALSHA`, `GET`, `DEL`). The channel is named here rather than sent: almost no
+/// release publishes, and every argument costs the server a Lua string and the client
+/// its writing.
 ///
 /// Returns one integer (a table would cost the client an array to parse on every
 /// release): `0` when the token did not hold the lock, `1` when it did and nobody had
@@ -126,18 +124,30 @@ pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-if ARGV[2] ~= '1' then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
 if redis.call('DEL', KEYS[1], KEYS[2]) == 1 then
   return 1
 end
-local receivers = redis.pcall('PUBLISH', ARGV[3] or (KEYS[1] .. ':released'), '')
+local receivers = redis.pcall('PUBLISH', ARGV[2] or (KEYS[1] .. ':released'), '')
 if type(receivers) ~= 'number' then
   receivers = 0
 end
 return 2 + receivers
+"#,
+    )
+});
+
+/// `KEYS[1]` lock key, `ARGV[1]` token. Undoes a failed Redlock attempt: deletes the lock
+/// only if the token holds it, and tells nobody and leaves the mark: nobody waited for
+/// that grant, and the waiter undoing it would wake itself. Returns 1 when it deleted
+/// the lock, 0 otherwise ([`RELEASE`]'s answer without a mark).
+pub(super) static UNDO: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 "#,
     )
 });

@@ -25,11 +25,10 @@ struct Faults {
     rules: Mutex<Vec<Rule>>,
 }
 
-/// Holds back, once, the first request whose bytes contain `pattern` and not `absent`
-/// (`Request`) or the replies that follow it on its connection (`Reply`).
+/// Holds back, once, the first request whose bytes contain `pattern` (`Request`) or the
+/// replies that follow it on its connection (`Reply`).
 struct Rule {
     pattern: Vec<u8>,
-    absent: Option<Vec<u8>>,
     delay: Duration,
     target: Target,
 }
@@ -44,11 +43,11 @@ impl Faults {
     /// The delay of the first unspent rule for `target` that `chunk` matches, spending it.
     fn take_rule(&self, target: Target, chunk: &[u8]) -> Option<Duration> {
         let mut rules = self.rules.lock().unwrap();
-        let contains = |pattern: &[u8]| chunk.windows(pattern.len()).any(|w| w == pattern);
         let index = rules.iter().position(|rule| {
             rule.target == target
-                && contains(&rule.pattern)
-                && !rule.absent.as_deref().is_some_and(contains)
+                && chunk
+                    .windows(rule.pattern.len())
+                    .any(|window| window == rule.pattern)
         })?;
         Some(rules.remove(index).delay)
     }
@@ -95,17 +94,6 @@ impl Proxy {
         self.add_rule(pattern, delay, Target::Request);
     }
 
-    /// [`delay_request_containing`](Self::delay_request_containing), for the first request
-    /// that contains `pattern` but not `absent`.
-    pub fn delay_request_containing_but_not(&self, pattern: &str, absent: &str, delay: Duration) {
-        self.faults.rules.lock().unwrap().push(Rule {
-            pattern: pattern.as_bytes().to_vec(),
-            absent: Some(absent.as_bytes().to_vec()),
-            delay,
-            target: Target::Request,
-        });
-    }
-
     /// The first request from now on that contains `pattern` runs at once, but the replies
     /// after it on its connection reach the client `delay` late.
     pub fn delay_reply_to_request_containing(&self, pattern: &str, delay: Duration) {
@@ -117,7 +105,6 @@ impl Proxy {
     pub fn delay_reply_to(&self, pattern: &[u8], delay: Duration) {
         self.faults.rules.lock().unwrap().push(Rule {
             pattern: pattern.to_vec(),
-            absent: None,
             delay,
             target: Target::Reply,
         });
@@ -126,7 +113,6 @@ impl Proxy {
     fn add_rule(&self, pattern: &str, delay: Duration, target: Target) {
         self.faults.rules.lock().unwrap().push(Rule {
             pattern: pattern.as_bytes().to_vec(),
-            absent: None,
             delay,
             target,
         });

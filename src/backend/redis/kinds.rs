@@ -116,7 +116,7 @@ impl RedisBackend {
                 // The writer is an exclusive lock under another name: the exclusive
                 // release script, always telling waiters.
                 let mut cmd = self.kind_cmd(&RELEASE, key, &[":writer", ":waiters"]);
-                cmd.arg(token_text).arg("1").arg(self.release_channel(key));
+                cmd.arg(token_text).arg(self.release_channel(key));
                 let reply: u64 = self.query(&cmd, Some(&RELEASE)).await?;
                 return Ok(self.release_reply(key, reply));
             }
