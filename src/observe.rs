@@ -105,7 +105,7 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    /// Every outcome, in declaration order (the index of each is its discriminant).
+    /// Every outcome, each at its [`index`](Self::index).
     #[cfg(feature = "metrics")]
     const ALL: [Outcome; 7] = [
         Outcome::Acquired,
@@ -116,6 +116,21 @@ impl Outcome {
         Outcome::Lost,
         Outcome::AlreadyHeld,
     ];
+
+    /// Where the outcome is in [`ALL`](Self::ALL) (a match, so that a new outcome cannot
+    /// compile without a place there).
+    #[cfg(feature = "metrics")]
+    const fn index(self) -> usize {
+        match self {
+            Outcome::Acquired => 0,
+            Outcome::Contended => 1,
+            Outcome::Unavailable => 2,
+            Outcome::NoKey => 3,
+            Outcome::InvalidKey => 4,
+            Outcome::Lost => 5,
+            Outcome::AlreadyHeld => 6,
+        }
+    }
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -133,7 +148,7 @@ impl Outcome {
 pub(crate) fn outcome(class: &ClassMetrics, outcome: Outcome) {
     #[cfg(feature = "metrics")]
     metrics::with_recorder(|recorder| {
-        recorder.register_counter(&class.requests[outcome as usize], &METADATA)
+        recorder.register_counter(&class.requests[outcome.index()], &METADATA)
     })
     .increment(1);
     #[cfg(not(feature = "metrics"))]
@@ -222,5 +237,21 @@ pub(crate) fn ttl_verdict(
                      hold; raise it to about 3 x the p99.9 hold to save a renewal per hold",
             }
         );
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_outcome_finds_its_own_requests_key() {
+        let metrics = ClassMetrics::new(&Arc::from("orders"));
+        for outcome in Outcome::ALL {
+            assert_eq!(Outcome::ALL[outcome.index()], outcome);
+            let key = &metrics.requests[outcome.index()];
+            let label = key.labels().find(|label| label.key() == "outcome");
+            assert_eq!(label.map(|label| label.value()), Some(outcome.as_str()));
+        }
     }
 }
