@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_redis::redis::cmd;
 use http::StatusCode;
-use support::{Counter, RedisServer, app, pool, serve};
+use support::{Counter, RedisServer, app, eventually, pool, serve};
 use tower_redis_lock::{LockBackend, LockKey, RedisBackend, backend::Acquire};
 use uuid::Uuid;
 
@@ -138,15 +138,11 @@ async fn a_release_that_redis_does_not_answer_delays_the_response_by_the_command
         let url = url.clone();
         async move { pay(&url, "frozen", "work_ms=800").await.status() }
     });
-    let mut held = false;
-    for _ in 0..100 {
-        held = server.query::<i64>(cmd("EXISTS").arg("lock:{order:frozen}")) == 1;
-        if held {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(held, "the handler never held its lock");
+    let exists = || server.query::<i64>(cmd("EXISTS").arg("lock:{order:frozen}")) == 1;
+    assert!(
+        eventually(Duration::from_secs(2), exists).await,
+        "the handler never held its lock"
+    );
     server.pause();
     let paused = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(10), request)
@@ -158,15 +154,10 @@ async fn a_release_that_redis_does_not_answer_delays_the_response_by_the_command
     assert_eq!(status, StatusCode::OK);
     // The rest of the work (under 800 ms) and one 500 ms command timeout, with room.
     assert!(waited < Duration::from_secs(5), "took {waited:?}");
-    let mut gone = false;
-    for _ in 0..100 {
-        gone = server.query::<i64>(cmd("EXISTS").arg("lock:{order:frozen}")) == 0;
-        if gone {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(gone, "the lock outlived its request once Redis was back");
+    assert!(
+        eventually(Duration::from_secs(3), || !exists()).await,
+        "the lock outlived its request once Redis was back"
+    );
 }
 
 /// `SCRIPT FLUSH` (as after a restart or failover) makes EVALSHA fail with NOSCRIPT; the
