@@ -79,6 +79,10 @@ impl ConnectionLike for Conn {
 pub(super) struct SharedConnection {
     pools: Pools,
     current: Mutex<Option<Conn>>,
+    /// Held while a connection is being made: operations that find none wait for it
+    /// rather than each opening (and, with TLS, handshaking) one of their own, of which
+    /// all but one would be dropped. A cold start under load made one per request.
+    connecting: tokio::sync::Mutex<()>,
     /// Whether the server's settings were looked at (once, on the first connection).
     checked: AtomicBool,
     /// When a failure to connect was last logged, and how many were not since.
@@ -95,6 +99,7 @@ impl SharedConnection {
         Self {
             pools,
             current: Mutex::default(),
+            connecting: tokio::sync::Mutex::const_new(()),
             checked: AtomicBool::new(false),
             failure_log: Mutex::default(),
             unlogged_failures: AtomicU64::new(0),
@@ -151,7 +156,17 @@ impl SharedConnection {
             Some(conn) => Ok(conn),
             // Boxed: connecting is rare, and its future is large; inline, every
             // operation's future would carry (and move) its size.
-            None => Box::pin(self.connect()).await,
+            None => Box::pin(self.connect_once()).await,
+        }
+    }
+
+    /// The connection another operation made while this one waited its turn to connect,
+    /// or a fresh one. The wait is bounded by the caller's timer, like the connect.
+    async fn connect_once(&self) -> Result<Conn, BackendError> {
+        let _connecting = self.connecting.lock().await;
+        match self.current() {
+            Some(conn) => Ok(conn),
+            None => self.connect().await,
         }
     }
 
