@@ -217,7 +217,8 @@ impl SharedConnection {
                 }
             });
         }
-        // If a concurrent call got there first, keep its connection and drop ours.
+        // Connects run one at a time (`connect_once`); should one ever be stored
+        // meanwhile, keep it and drop ours.
         Ok(self.slot().get_or_insert(fresh).clone())
     }
 

@@ -424,8 +424,9 @@ impl RedisBackend {
 
     /// Whether every release of this backend ends within `timeout` on its own (see
     /// `bounded`): a plain (not fair) release on one server is one script, each round
-    /// trip bounded by the command timeout. Cluster commands are bounded as a whole, by
-    /// a timer of their own.
+    /// trip bounded by the command timeout. Only that case, the one measured, goes
+    /// without the locker's timer; fair and Cluster releases are bounded as well (one
+    /// script; a Cluster command by a timer of its own) and keep it for now.
     pub(crate) fn bounds_release_within(&self, timeout: Duration) -> bool {
         !self.config.fair && !self.connection.is_cluster() && self.config.command_timeout <= timeout
     }

@@ -377,8 +377,8 @@ impl<Backend: LockBackend> Locker<Backend> {
     /// timeout's default), so that the client's next request does not meet its own lock.
     /// Past it the release goes on in the background.
     ///
-    /// On a [`RedisBackend`](crate::backend::RedisBackend) whose command timeout is no
-    /// longer, no timer of the locker's own is set: the command timeout bounds each round
+    /// On a single-server [`RedisBackend`](crate::backend::RedisBackend) (not fair)
+    /// whose command timeout is no longer, no timer of the locker's own is set: the command timeout bounds each round
     /// trip of the release (a release that must first load its script into a restarted
     /// server makes three). A shorter wait answers sooner when Redis is slow, at a price
     /// on the common path: its timer, and, on a multi-threaded runtime, a wake of a
