@@ -24,10 +24,17 @@
 //!   (script-internal calls included), both from `INFO commandstats` before and after,
 //!   less the benchmark's own `HGET`/`HSET`/`INFO`;
 //! - `same_worker_pct`: critical sections entered by the worker that held the key last;
-//! - `handover_p50_ms`: gap between the end of one critical section and the start of the
-//!   next on the same key, and `cross_process_handover_p50_ms` the same when the two ran
-//!   in different processes (the wake-up after a release elsewhere);
+//! - `handover_p50_ms` / `handover_p99_ms`: gap between the end of one critical section
+//!   and the start of the next on the same key, and `cross_process_handover_p50_ms` the
+//!   same when the two ran in different processes (the wake-up after a release
+//!   elsewhere); `stalls_over_10ms` and `stalled_ms`: the gaps of more than 10 ms (a lock
+//!   idle that long: a lost wake-up, or a process not scheduled), and their sum;
 //! - `violations`: increments lost to overlapping critical sections (must be 0).
+//!
+//! With `--processes` above 1 a `wake_floor` line comes first: the delay from a `PUBLISH`
+//! by one idle process to its delivery in another idle one (1000 messages, 2 ms apart),
+//! measured in the same run. A cross-process hand-over cannot be shorter than it: on a VM
+//! that halts idle virtual CPUs it is most of the hand-over.
 
 #[path = "../tests/support/redis_server.rs"]
 mod redis_server;
@@ -69,6 +76,8 @@ struct Args {
     http: bool,
     /// Set on the children: which share of the work is theirs.
     child: Option<usize>,
+    /// Set on the child that measures the wake-up floor: how many messages it publishes.
+    floor_publisher: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +125,7 @@ fn parse_args() -> Result<Args, String> {
         redis_url: None,
         http: false,
         child: None,
+        floor_publisher: None,
     };
     // `cargo bench` appends `--bench` to the arguments of a `harness = false` bench.
     let mut argv = std::env::args().skip(1).filter(|arg| arg != "--bench");
@@ -144,6 +154,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--redis-url" => args.redis_url = Some(value),
             "--child" => args.child = Some(number()?),
+            "--floor-publisher" => args.floor_publisher = Some(number()?),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -355,6 +366,62 @@ async fn child(args: Args, index: usize) {
     writeln!(stdout, "{}", serde_json::to_string(&report).unwrap()).unwrap();
 }
 
+/// The channel of the wake-up floor's messages.
+const FLOOR_CHANNEL: &str = "bench:floor";
+
+/// Measures what no lock can beat across processes on this machine: the delay from a
+/// `PUBLISH` by one process to its delivery in another, both idle before it (as a holder
+/// after its critical section and a waiter in line are). Prints one JSON line.
+async fn wake_floor(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use futures_util::StreamExt;
+    const MESSAGES: usize = 1000;
+    let mut pubsub = redis::Client::open(url)?.get_async_pubsub().await?;
+    pubsub.subscribe(FLOOR_CHANNEL).await?;
+    let mut publisher = Command::new(std::env::current_exe()?)
+        .args([
+            "--redis-url",
+            url,
+            "--floor-publisher",
+            &MESSAGES.to_string(),
+        ])
+        .spawn()?;
+    let mut delays = Vec::with_capacity(MESSAGES);
+    let mut messages = pubsub.on_message();
+    while delays.len() < MESSAGES {
+        let Some(message) = messages.next().await else {
+            break;
+        };
+        let sent: u64 = message.get_payload()?;
+        delays.push(wall_us().saturating_sub(sent) as f64 / 1e3);
+    }
+    publisher.wait()?;
+    let delays = sorted(delays);
+    let line = serde_json::json!({
+        "mode": "wake_floor",
+        "messages": delays.len(),
+        "publish_to_other_process_p50_ms": percentile(&delays, 0.5),
+        "publish_to_other_process_p99_ms": percentile(&delays, 0.99),
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// The floor's publisher: a message with its send time every 2 ms, idle in between.
+async fn publish_for_floor(url: &str, messages: usize) -> redis::RedisResult<()> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    for _ in 0..messages {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(FLOOR_CHANNEL)
+            .arg(wall_us())
+            .query_async(&mut conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Runs one mode over all processes and returns their reports.
 async fn run_mode(args: &Args, mode: Mode) -> Vec<Report> {
     if args.processes == 1 {
@@ -473,6 +540,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         child(args, index).await;
         return Ok(());
     }
+    if let Some(messages) = args.floor_publisher {
+        publish_for_floor(args.redis_url.as_deref().expect("a URL"), messages).await?;
+        return Ok(());
+    }
     let server = args
         .redis_url
         .is_none()
@@ -482,6 +553,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let url = args.redis_url.clone().unwrap();
     let data = deadpool_redis::Config::from_url(&url).create_pool(Some(Runtime::Tokio1))?;
+    if args.processes > 1 {
+        wake_floor(&url).await?;
+    }
     let mut baseline: Option<(f64, f64)> = None;
     for mode in args.modes.clone() {
         let mut conn = data.get().await?;
@@ -557,6 +631,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let violations = ops as u64 - counted;
         let client_per_op = client_cmds as f64 / ops as f64;
         let cross = sorted(cross_gaps);
+        let gaps = sorted(gaps);
+        // Gaps of more than 10 ms: a lock idle that long was granted to nobody who heard.
+        let stalls: Vec<f64> = gaps.iter().copied().filter(|gap| *gap > 10.0).collect();
         let line = serde_json::json!({
             "mode": mode.name(),
             "http": args.http,
@@ -570,10 +647,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "pct_of_ideal": (ops_per_s / ideal * 1000.0).round() / 10.0,
             "wait_p50_ms": percentile(&waits, 0.5),
             "wait_p99_ms": percentile(&waits, 0.99),
+            "wait_max_ms": waits.last().copied().unwrap_or(0.0),
             "client_cmds_per_op": (client_per_op * 100.0).round() / 100.0,
             "redis_calls_per_op": ((redis_calls as f64 / ops as f64) * 100.0).round() / 100.0,
             "same_worker_pct": (same_worker as f64 / transitions.max(1) as f64 * 1000.0).round() / 10.0,
-            "handover_p50_ms": percentile(&sorted(gaps), 0.5),
+            "handover_p50_ms": percentile(&gaps, 0.5),
+            "handover_p99_ms": percentile(&gaps, 0.99),
+            "stalls_over_10ms": stalls.len(),
+            "stalled_ms": (stalls.iter().sum::<f64>() * 10.0).round() / 10.0,
             "cross_process_handover_p50_ms": if cross.is_empty() { serde_json::Value::Null } else { percentile(&cross, 0.5).into() },
             "violations": violations,
         });
