@@ -79,7 +79,7 @@ pub(crate) async fn acquire<B: LockBackend>(
     let deadline = saturating_add(Instant::now(), policy.max_wait);
     let Some(queues) = queues else {
         let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
-        return from_backend(guard, policy, deadline, None).await;
+        return from_backend(guard, &policy, deadline, None).await;
     };
     let (turn, queued) = match queues.enter(&key) {
         Entry::Turn(turn) => (turn, false),
@@ -109,7 +109,7 @@ pub(crate) async fn acquire<B: LockBackend>(
     };
     // On failure the unused turn passes to the next in line as it drops.
     let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
-    let mut acquired = from_backend(guard, policy, deadline, Some(queues)).await?;
+    let mut acquired = from_backend(guard, &policy, deadline, Some(queues)).await?;
     acquired.contended |= queued;
     if backend::fair::is_fair(acquired.guard.backend()) {
         turn.used_fairly();
@@ -127,13 +127,13 @@ pub(crate) async fn acquire<B: LockBackend>(
 /// themselves (Redlock) get a fresh token for each attempt instead.
 async fn from_backend<B: LockBackend>(
     mut guard: LockGuard<B>,
-    policy: WaitPolicy,
+    policy: &WaitPolicy,
     deadline: Instant,
     queue: Option<Arc<LockLine<B>>>,
 ) -> Result<Acquired<B>, AcquireError> {
     if backend::fair::is_fair(guard.backend()) {
         // Boxed: only fair lockers carry the fair wait's future.
-        return Box::pin(super::fair::from_line(guard, policy, deadline, queue)).await;
+        return Box::pin(super::fair::from_line(guard, *policy, deadline, queue)).await;
     }
     // The guard is armed whenever an attempt might have taken the lock without us
     // knowing: if this future is dropped or gives up then, it releases the token in the
@@ -252,7 +252,7 @@ async fn take_over<B: LockBackend>(
                 return Err(AcquireError::Contended { remaining });
             }
             let fresh = LockGuard::disarmed(backend, key, Uuid::new_v4());
-            let mut acquired = from_backend(fresh, policy, deadline, Some(queue)).await?;
+            let mut acquired = from_backend(fresh, &policy, deadline, Some(queue)).await?;
             acquired.contended = true;
             if backend::fair::is_fair(acquired.guard.backend()) {
                 turn.used_fairly();
@@ -273,7 +273,7 @@ async fn take_over<B: LockBackend>(
             if !guard.backend().retry_with_same_token() {
                 guard.new_token();
             }
-            let mut acquired = from_backend(guard, policy, deadline, None).await?;
+            let mut acquired = from_backend(guard, &policy, deadline, None).await?;
             acquired.contended = true;
             Ok(acquired)
         }
