@@ -70,6 +70,16 @@ pub(crate) enum Grant<T> {
     },
 }
 
+/// Why [`Line::hand_off`] did not hand the lock on.
+pub(crate) enum NotHandedOff<T> {
+    /// Nobody waits, hand-offs are off, or the offer was declined: release it.
+    Nobody,
+    /// Requests wait, but this turn's hand-offs are used up.
+    TurnOver,
+    /// Every waiter had gone by the time the offer was made: the offer, back.
+    Back(T),
+}
+
 /// How long the next local asker lets waiters of other processes try first, after a
 /// release in the backend.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,13 +123,8 @@ impl<T> Turn<T> {
     /// [`LATE_ARRIVALS_PER_TURN`] who come later, up to the cap; the rest queue again in
     /// the backend, behind the others.
     pub(crate) fn used_fairly(mut self) {
-        if let Some(queues) = self.queues.take()
-            && let Some(queue) = queues.keys().get_mut(&self.key)
-        {
-            queue.hand_offs = 0;
-            let waiting = u32::try_from(queue.waiters.len()).unwrap_or(u32::MAX);
-            let budget = waiting.saturating_add(LATE_ARRIVALS_PER_TURN);
-            queue.budget = Some(budget.min(queues.max_hand_offs));
+        if let Some(queues) = self.queues.take() {
+            queues.continue_turn(&self.key);
         }
     }
 }
@@ -244,17 +249,19 @@ impl<T> Line<T> {
         &self,
         key: &LockKey,
         offer: impl FnOnce() -> Option<T>,
-    ) -> Result<(), Option<T>> {
+    ) -> Result<(), NotHandedOff<T>> {
         let mut keys = self.keys();
         let Some(queue) = keys.get_mut(key) else {
-            return Err(None);
+            return Err(NotHandedOff::Nobody);
         };
-        if queue.waiters.is_empty() || queue.hand_offs >= queue.budget.unwrap_or(self.max_hand_offs)
-        {
-            return Err(None);
+        if queue.waiters.is_empty() || self.max_hand_offs == 0 {
+            return Err(NotHandedOff::Nobody);
+        }
+        if queue.hand_offs >= queue.budget.unwrap_or(self.max_hand_offs) {
+            return Err(NotHandedOff::TurnOver);
         }
         let Some(mut offer) = offer() else {
-            return Err(None);
+            return Err(NotHandedOff::Nobody);
         };
         while let Some(waiter) = queue.waiters.pop_front() {
             match waiter.grant.send(Grant::HandOff(offer)) {
@@ -269,7 +276,24 @@ impl<T> Line<T> {
                 Err(Grant::Turn { .. }) => unreachable!("a hand-off came back as a turn"),
             }
         }
-        Err(Some(offer))
+        Err(NotHandedOff::Back(offer))
+    }
+
+    /// Starts a new fair turn of `key` in this process without a grant: the backend kept
+    /// the lock for it as nobody else was in line (see [`Turn::used_fairly`]).
+    pub(crate) fn continue_turn(&self, key: &LockKey) {
+        if let Some(queue) = self.keys().get_mut(key) {
+            self.begin_fair_turn(queue);
+        }
+    }
+
+    /// A fair turn serves the requests waiting at its start and
+    /// [`LATE_ARRIVALS_PER_TURN`] more, within the hand-off cap.
+    fn begin_fair_turn(&self, queue: &mut KeyLine<T>) {
+        queue.hand_offs = 0;
+        let waiting = u32::try_from(queue.waiters.len()).unwrap_or(u32::MAX);
+        let budget = waiting.saturating_add(LATE_ARRIVALS_PER_TURN);
+        queue.budget = Some(budget.min(self.max_hand_offs));
     }
 
     /// After a release in the backend (or a turn given up), gives the turn to ask the

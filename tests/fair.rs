@@ -89,6 +89,62 @@ async fn three_instances_are_served_in_arrival_order() {
     nothing_left(&server).await;
 }
 
+/// A process alone in line keeps the lock from turn to turn (one token from the first
+/// section to the last: never released and taken again while its requests wait), and
+/// still lets another process in at its next turn's end once that one queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_alone_keeps_the_lock_until_another_queues() {
+    const WORKERS: usize = 3;
+    const SECTIONS: usize = 120;
+    let server = RedisServer::spawn();
+    let p = process(&server, Duration::from_secs(20));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (p, tokens, done) = (p.clone(), tokens.clone(), done.clone());
+            tokio::spawn(async move {
+                for _ in 0..SECTIONS / WORKERS + 1 {
+                    let lock = p.lock("k").await.expect("served");
+                    tokens.lock().unwrap().push(lock.held().token());
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    lock.release().await;
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || tokens.lock().unwrap().len()
+            >= 10)
+        .await,
+        "the process's requests were not served"
+    );
+    {
+        let tokens = tokens.lock().unwrap();
+        assert!(
+            tokens.iter().all(|t| *t == tokens[0]),
+            "released between turns: {tokens:?}"
+        );
+    }
+    assert_eq!(queue_len(&server), 0, "nobody else is in line");
+    // Another process queues: it is served at the end of a turn, while P's requests still
+    // come (a turn is at most the requests waiting at its start and one more).
+    let q = process(&server, Duration::from_secs(5));
+    let lock = q.lock("k").await.expect("the other process is let in");
+    let served_before = done.load(std::sync::atomic::Ordering::SeqCst);
+    lock.release().await;
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let total = WORKERS * (SECTIONS / WORKERS + 1);
+    assert!(
+        served_before + WORKERS < total,
+        "the other process waited for (nearly) all of P's requests: {served_before} of {total}"
+    );
+    nothing_left(&server).await;
+}
+
 /// Waiters that are dropped, or give up at their deadline, take their entries out of the
 /// line; once everyone is served, no key of the line remains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

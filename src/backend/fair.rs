@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::{Acquire, BackendError, LockBackend};
+use super::{Acquire, BackendError, LockBackend, Released};
 use crate::key::LockKey;
 
 /// How long a queue entry outlives its waiter's deadline: long enough for a waiter that
@@ -103,6 +103,45 @@ pub(crate) async fn attempt<B: LockBackend>(
         return Ok((memory.fair_attempt(key, token, ttl, entry_for), None));
     }
     Ok((backend.try_acquire(key, token, ttl).await?, None))
+}
+
+/// How a fair turn ended in the backend (see [`end_turn`]).
+#[derive(Debug)]
+pub(crate) enum TurnEnd {
+    /// Nobody else waited: the lock is still held by the token.
+    Kept,
+    /// Released (and granted to the next in line, if anyone was).
+    Released(Released),
+}
+
+impl TurnEnd {
+    /// What a plain release, which never keeps, reports.
+    pub(crate) fn released(self) -> Released {
+        match self {
+            Self::Released(released) => released,
+            Self::Kept => Released::new(true),
+        }
+    }
+}
+
+/// Ends a turn whose holder's process has more requests waiting for `key` but may hand
+/// it on no more: grants the lock to the next process in the backend's line, or, when
+/// nobody else is in it, leaves it held by `token` so that the process's next request
+/// gets it by hand-off (there is nobody to be fair to). One backend call either way.
+pub(crate) async fn end_turn<B: LockBackend>(
+    backend: &B,
+    key: &LockKey,
+    token: Uuid,
+) -> Result<TurnEnd, BackendError> {
+    let any: &dyn std::any::Any = backend;
+    #[cfg(feature = "redis")]
+    if let Some(redis) = any.downcast_ref::<super::RedisBackend>() {
+        return redis.fair_release(key, token, true).await;
+    }
+    if let Some(memory) = any.downcast_ref::<super::InMemoryBackend>() {
+        return Ok(memory.fair_release(key, token, true));
+    }
+    Ok(TurnEnd::Released(backend.release(key, token).await?))
 }
 
 /// A count of the grants of `key` heard of, read before each attempt and handed to

@@ -253,7 +253,7 @@ impl LockBackend for InMemoryBackend {
         token: Uuid,
     ) -> impl Future<Output = Result<Released, BackendError>> + Send {
         if self.fair {
-            return ready(Ok(self.fair_release(key, token)));
+            return ready(Ok(self.fair_release(key, token, false).released()));
         }
         ready(Ok(self.release_now(key, token)))
     }

@@ -763,7 +763,7 @@ impl LockBackend for RedisBackend {
 
     async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {
         if self.config.fair {
-            return self.fair_release(key, token).await;
+            return Ok(self.fair_release(key, token, false).await?.released());
         }
         self.release_script(key, token).await
     }

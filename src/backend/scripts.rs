@@ -310,13 +310,16 @@ return {0, redis.call('PTTL', lock), clock()}
 
 /// Fair mode's release, which is also a waiter's cancellation. `KEYS[1..5]` as for
 /// [`FAIR_ACQUIRE`], `KEYS[6]` the waiter mark; `ARGV[1]` token, `ARGV[2]` `1` with
-/// fencing, `ARGV[3]` the fence retention in ms.
+/// fencing, `ARGV[3]` the fence retention in ms, `ARGV[4]` `1` to keep the lock when
+/// nobody else waits (the end of a turn with more requests of the holder's process in
+/// its local line).
 ///
 /// Takes the token's entry out of the line if it has one (a waiter that gave up or was
 /// dropped). Then, if the token holds the lock (a holder's release, or a grant that
 /// crossed the waiter's cancellation), grants it to the next live waiter; with nobody in
-/// line, deletes it and wakes waiters of other modes as [`RELEASE`] does. Returns
-/// `{was held, granted}`.
+/// line, leaves it held if asked to and no waiter of another mode left a mark, and
+/// otherwise deletes it and wakes waiters of other modes as [`RELEASE`] does. Returns
+/// `{was held, granted}`, granted being `2` for a lock kept.
 pub(super) static FAIR_RELEASE: LazyLock<Script> = LazyLock::new(|| {
     fenced_script(concat!(
         fair_prelude!(),
@@ -336,6 +339,9 @@ if redis.call('GET', lock) ~= token then
 end
 if grant_next(ARGV[2] == '1' and ARGV[3], nil) then
   return {1, 1}
+end
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[6]) == 0 then
+  return {1, 2}
 end
 if redis.call('DEL', lock, KEYS[6]) == 2 then
   redis.pcall('PUBLISH', channel, '')

@@ -136,7 +136,7 @@ mod tests {
         backend::{FairBackend, InMemoryBackend},
         key::LockKey,
         line::Line,
-        locker::{LockSettings, acquire::acquire},
+        locker::{LockSettings, ReleaseOutcome, acquire::acquire},
     };
 
     /// The defaults, with time enough for every waiter.
@@ -190,5 +190,41 @@ mod tests {
         assert_eq!(backend.queued_count(), 0);
         assert_eq!(backend.held_count(), 0);
         assert_eq!(p.busy_keys() + q.busy_keys(), 0);
+    }
+
+    /// A process alone in line: when its turn's hand-offs are used up, nobody else waits
+    /// in the backend, so the lock stays held and goes on down the local line (same
+    /// token: never released and taken again), until the line is empty.
+    #[tokio::test(start_paused = true)]
+    async fn a_process_alone_in_line_keeps_the_lock_between_turns() {
+        let backend = InMemoryBackend::new().with_fairness(true);
+        let key = LockKey::from("hot");
+        let line = Line::new(8);
+        let tokens = Arc::new(Mutex::new(Vec::new()));
+        let request = || {
+            let (backend, key, line, tokens) =
+                (backend.clone(), key.clone(), line.clone(), tokens.clone());
+            tokio::spawn(async move {
+                let acquired = acquire(backend, key, policy(), Some(line)).await.unwrap();
+                tokens.lock().unwrap().push(acquired.held.token());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                acquired.guard.release(Duration::from_secs(1)).await
+            })
+        };
+        let first = request(); // takes it from the backend: a turn of one more section
+        tokio::task::yield_now().await;
+        let rest: Vec<_> = (0..4).map(|_| request()).collect();
+        let mut outcomes = vec![first.await.unwrap()];
+        for task in rest {
+            outcomes.push(task.await.unwrap());
+        }
+        let tokens = tokens.lock().unwrap();
+        assert_eq!(tokens.len(), 5);
+        assert!(tokens.iter().all(|token| *token == tokens[0]), "{tokens:?}");
+        assert_eq!(outcomes[..4], [ReleaseOutcome::HandedOff; 4]);
+        assert_eq!(outcomes[4], ReleaseOutcome::Released { was_held: true });
+        assert_eq!(backend.held_count(), 0);
+        assert_eq!(backend.queued_count(), 0);
+        assert_eq!(line.busy_keys(), 0);
     }
 }

@@ -6,10 +6,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{
-    backend::{LockBackend, Released},
+    backend::{LockBackend, Released, fair::TurnEnd},
     held::Held,
     key::LockKey,
-    line::{Line, PassTurnOnDrop, StepAside, Turn},
+    line::{Line, NotHandedOff, PassTurnOnDrop, StepAside, Turn},
 };
 
 /// The local line of a locker: what passes down it is the lock itself.
@@ -34,6 +34,16 @@ fn step_aside_after(released: &Released) -> StepAside {
     } else {
         StepAside::No
     }
+}
+
+/// What an offer to the local line came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HandOffOutcome {
+    HandedOff,
+    /// Requests wait here, but the turn's hand-offs are used up.
+    TurnOver,
+    /// Nobody took it (or it may not be handed on).
+    Nobody,
 }
 
 /// How a release ended, as far as its caller waited.
@@ -143,12 +153,12 @@ impl<B: LockBackend> LockGuard<B> {
         Some((Turn::new(queue.clone(), self.key.clone()), queue))
     }
 
-    /// Offers the lock to the next local waiter. True when one took it.
-    fn try_hand_off(&mut self) -> bool {
+    /// Offers the lock to the next local waiter.
+    fn try_hand_off(&mut self) -> HandOffOutcome {
         let (true, true, Some(queue), Some(held)) =
             (self.may_hand_off, self.armed, &self.queue, &self.held)
         else {
-            return false;
+            return HandOffOutcome::Nobody;
         };
         // Made only when someone waits: a copy of the guard, and a clock read.
         let offer = || {
@@ -170,14 +180,58 @@ impl<B: LockBackend> LockGuard<B> {
             Ok(()) => {
                 self.armed = false;
                 self.queue = None;
-                true
+                HandOffOutcome::HandedOff
             }
-            Err(offer) => {
-                if let Some(offer) = offer {
-                    offer.guard.defuse();
+            Err(NotHandedOff::TurnOver) => HandOffOutcome::TurnOver,
+            Err(NotHandedOff::Back(offer)) => {
+                offer.guard.defuse();
+                HandOffOutcome::Nobody
+            }
+            Err(NotHandedOff::Nobody) => HandOffOutcome::Nobody,
+        }
+    }
+
+    /// Ends a fair turn whose hand-offs are used up while requests of this process still
+    /// wait: one backend call grants the lock to the next process in line or, with nobody
+    /// else in it, keeps it, and then the next request here gets it by hand-off in a new
+    /// turn. `None` when it was kept but nobody here wanted it any more: the caller
+    /// releases as usual.
+    async fn end_turn(&mut self, timeout: Duration) -> Option<ReleaseOutcome> {
+        // In doubt until the answer: a drop meanwhile releases in the background.
+        self.may_hand_off = false;
+        let end = crate::backend::fair::end_turn(&self.backend, &self.key, self.token);
+        match tokio::time::timeout(timeout, end).await {
+            Ok(Ok(TurnEnd::Kept)) => {
+                if let Some(queue) = &self.queue {
+                    queue.continue_turn(&self.key);
                 }
-                false
+                self.may_hand_off = true;
+                if self.try_hand_off() == HandOffOutcome::HandedOff {
+                    return Some(ReleaseOutcome::HandedOff);
+                }
+                self.may_hand_off = false;
+                None
             }
+            Ok(Ok(TurnEnd::Released(released))) => Some(self.released(&released)),
+            Ok(Err(err)) => {
+                tracing::warn!(key = %self.key, error = %err, "lock release failed; retrying in the background");
+                Some(ReleaseOutcome::Unconfirmed)
+            }
+            Err(_) => {
+                tracing::warn!(key = %self.key, ?timeout, "lock release timed out; retrying in the background");
+                Some(ReleaseOutcome::Unconfirmed)
+            }
+        }
+    }
+
+    /// The backend confirmed the release: the next local waiter gets its turn to ask.
+    fn released(&mut self, released: &Released) -> ReleaseOutcome {
+        self.armed = false;
+        if let Some(queue) = self.queue.take() {
+            queue.pass_turn(&self.key, step_aside_after(released));
+        }
+        ReleaseOutcome::Released {
+            was_held: released.was_held,
         }
     }
 
@@ -191,23 +245,22 @@ impl<B: LockBackend> LockGuard<B> {
     /// If the backend does not confirm in time, the guard's `Drop` tries once more in the
     /// background; the lease is the last resort.
     pub(crate) async fn release(mut self, timeout: Duration) -> ReleaseOutcome {
-        if self.try_hand_off() {
-            return ReleaseOutcome::HandedOff;
+        match self.try_hand_off() {
+            HandOffOutcome::HandedOff => return ReleaseOutcome::HandedOff,
+            // Boxed: only the end of a fair turn with waiters takes this way.
+            HandOffOutcome::TurnOver if crate::backend::fair::is_fair(&self.backend) => {
+                if let Some(outcome) = Box::pin(self.end_turn(timeout)).await {
+                    return outcome;
+                }
+            }
+            HandOffOutcome::TurnOver | HandOffOutcome::Nobody => {}
         }
         self.may_hand_off = false;
         if !self.armed {
             return ReleaseOutcome::Unconfirmed; // Drop gives the queue its next turn
         }
         match crate::backend::release_within(&self.backend, &self.key, self.token, timeout).await {
-            Some(Ok(released)) => {
-                self.armed = false;
-                if let Some(queue) = self.queue.take() {
-                    queue.pass_turn(&self.key, step_aside_after(&released));
-                }
-                ReleaseOutcome::Released {
-                    was_held: released.was_held,
-                }
-            }
+            Some(Ok(released)) => self.released(&released),
             Some(Err(err)) => {
                 tracing::warn!(key = %self.key, error = %err, "lock release failed; retrying in the background");
                 ReleaseOutcome::Unconfirmed
@@ -222,7 +275,7 @@ impl<B: LockBackend> LockGuard<B> {
 
 impl<B: LockBackend> Drop for LockGuard<B> {
     fn drop(&mut self) {
-        if self.try_hand_off() {
+        if self.try_hand_off() == HandOffOutcome::HandedOff {
             return;
         }
         let queue = self.queue.take();

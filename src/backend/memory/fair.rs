@@ -10,7 +10,10 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 use uuid::Uuid;
 
-use super::{super::Released, Acquire, InMemoryBackend, Lease, Locks};
+use super::{
+    super::{Released, fair::TurnEnd},
+    Acquire, InMemoryBackend, Lease, Locks,
+};
 use crate::{key::LockKey, lease::saturating_add};
 
 /// One key's line: waiters in arrival order.
@@ -128,10 +131,10 @@ impl InMemoryBackend {
     }
 
     /// A fair release, which is also a queued waiter's cancellation: see
-    /// `scripts::FAIR_RELEASE`.
-    pub(super) fn fair_release(&self, key: &LockKey, token: Uuid) -> Released {
+    /// `scripts::FAIR_RELEASE`, `keep_if_alone` included.
+    pub(crate) fn fair_release(&self, key: &LockKey, token: Uuid, keep_if_alone: bool) -> TurnEnd {
         let now = Instant::now();
-        let (released, granted) = self.with_locks(|locks| {
+        let (end, granted) = self.with_locks(|locks| {
             if let Some(line) = locks.lines.get_mut(key) {
                 line.retain(|waiting| waiting.token != token);
                 if line.is_empty() {
@@ -141,17 +144,21 @@ impl InMemoryBackend {
             match locks.held.get(key) {
                 Some(lease) if lease.token == token => {
                     let was_held = lease.expires_at > now;
-                    locks.held.remove(key);
+                    let lease = locks.held.remove(key);
                     let granted = grant_next(self, locks, key, now).is_some();
-                    (Released::new(was_held), granted)
+                    if !granted && keep_if_alone && was_held {
+                        locks.held.extend(lease.map(|lease| (key.clone(), lease)));
+                        return (TurnEnd::Kept, false);
+                    }
+                    (TurnEnd::Released(Released::new(was_held)), granted)
                 }
-                _ => (Released::default(), false),
+                _ => (TurnEnd::Released(Released::default()), false),
             }
         });
         if granted {
             self.wake();
         }
-        released
+        end
     }
 
     fn wake(&self) {

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::{
     super::{
         Acquire, BackendError, Released,
+        fair::TurnEnd,
         scripts::{FAIR_ACQUIRE, FAIR_RELEASE},
     },
     RedisBackend, lease_millis,
@@ -83,11 +84,13 @@ impl RedisBackend {
     }
 
     /// A fair release (`FAIR_RELEASE`), which is also a queued waiter's cancellation.
-    pub(super) async fn fair_release(
+    /// With `keep_if_alone`, a lock nobody else waits for stays held ([`TurnEnd::Kept`]).
+    pub(crate) async fn fair_release(
         &self,
         key: &LockKey,
         token: Uuid,
-    ) -> Result<Released, BackendError> {
+        keep_if_alone: bool,
+    ) -> Result<TurnEnd, BackendError> {
         let mut buffer = Uuid::encode_buffer();
         let [fence, queue, timeouts, released] = LINE_KEYS;
         let mut cmd = self.evalsha(
@@ -97,10 +100,14 @@ impl RedisBackend {
         );
         cmd.arg(&*token.hyphenated().encode_lower(&mut buffer))
             .arg(if self.config.fencing { "1" } else { "0" })
-            .arg(self.config.fence_retention_ms);
-        let (was_held, _granted): (i64, i64) = self.query(&cmd, Some(&FAIR_RELEASE)).await?;
+            .arg(self.config.fence_retention_ms)
+            .arg(if keep_if_alone { "1" } else { "0" });
+        let (was_held, granted): (i64, i64) = self.query(&cmd, Some(&FAIR_RELEASE)).await?;
+        if granted == 2 {
+            return Ok(TurnEnd::Kept);
+        }
         // A grant tells its grantee itself; nobody else needs to step aside or be told.
-        Ok(Released::new(was_held == 1))
+        Ok(TurnEnd::Released(Released::new(was_held == 1)))
     }
 
     /// Waits for a grant to `token` on the key's release channel, at most `timeout`.
