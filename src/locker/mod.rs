@@ -450,7 +450,8 @@ impl<Backend: FairBackend> Locker<Backend> {
     /// of its own: the grantee holds the lock without another round trip. It then passes
     /// the lock down its local line to the requests that were already waiting there and
     /// to one that came later (at most [`max_hand_offs`](Self::max_hand_offs) in all),
-    /// and releases to the next process in line.
+    /// and releases to the next process in line; with nobody else in line, the same call
+    /// keeps the lock for the process's next request, in a new turn.
     ///
     /// Entries expire with their waiter's `max_wait` plus 500 ms, so a waiter that died
     /// holds up nobody once that has passed; a waiter that gives up or is dropped takes
