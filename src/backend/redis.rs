@@ -387,17 +387,34 @@ impl RedisBackend {
     /// response timeout, set to the command timeout on our handle of it (the client
     /// library times every request anyway): no second timer per command. Connecting, and
     /// Cluster connections, are bounded by a timer of ours.
-    async fn query<T: FromRedisValue>(
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` stores its arguments twice"
+    )]
+    fn query<T: FromRedisValue>(
         &self,
         cmd: &Cmd,
         script: Option<&'static Script>,
-    ) -> Result<T, BackendError> {
-        if let Some(Conn::Single(mut conn)) = self.connection.current() {
-            let timeout = self.config.command_timeout;
-            conn.set_response_timeout(timeout);
+    ) -> impl Future<Output = Result<T, BackendError>> {
+        // A block: its captures are its variables (see `locker::acquire::from_backend`).
+        async move {
+            // `let else`, not `if let`: the scrutinee's temporary (the `Option<Conn>`) ends
+            // with the statement instead of living, a second copy of the connection, across
+            // the send.
+            let Some(Conn::Single(mut conn)) = self.connection.current() else {
+                // Boxed: connecting (and every Cluster command) takes this way; inline, its
+                // future (a timer, the connect, the send) would be carried and moved by every
+                // operation's.
+                return Box::pin(self.guarded(async {
+                    let mut conn = self.connection.get().await?;
+                    send(&mut conn, cmd, script).await.map_err(classify)
+                }))
+                .await;
+            };
+            conn.set_response_timeout(self.config.command_timeout);
             let result = send(&mut conn, cmd, script).await.map_err(|err| {
                 if err.is_timeout() {
-                    BackendError::Timeout(timeout)
+                    BackendError::Timeout(self.config.command_timeout)
                 } else {
                     classify(err)
                 }
@@ -410,16 +427,8 @@ impl RedisBackend {
             ) {
                 self.connection.reset();
             }
-            return result;
+            result
         }
-        // Boxed: connecting (and every Cluster command) takes this way; inline, its
-        // future (a timer, the connect, the send) would be carried and moved by every
-        // operation's.
-        Box::pin(self.guarded(async {
-            let mut conn = self.connection.get().await?;
-            send(&mut conn, cmd, script).await.map_err(classify)
-        }))
-        .await
     }
 
     /// Whether every release of this backend ends within `timeout` on its own (see
@@ -434,42 +443,49 @@ impl RedisBackend {
     /// One acquisition attempt. Without fencing, the first attempt of a token is a plain
     /// `SET NX PX`, and the script runs only when that is refused; a token refused before
     /// (`again`), and every attempt with fencing, goes to the script at once.
-    pub(crate) async fn attempt(
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` stores its arguments twice"
+    )]
+    pub(crate) fn attempt(
         &self,
         key: &LockKey,
         token: Uuid,
         ttl: Duration,
         again: bool,
-    ) -> Result<Acquire, BackendError> {
-        let mut buffer = Uuid::encode_buffer();
-        let token = &*token.hyphenated().encode_lower(&mut buffer);
-        let lease = lease_millis(ttl);
-        if !self.config.fencing && !again {
-            let mut cmd = Cmd::with_capacity(6, 80 + self.config.prefix.len() + key.len());
-            cmd.arg("SET")
-                .arg(self.key_arg(key, ""))
-                .arg(token)
-                .arg("NX")
-                .arg("PX")
-                .arg(lease);
-            match self.query::<Value>(&cmd, None).await? {
-                Value::Okay => {
-                    return Ok(Acquire::Acquired {
-                        fencing_token: None,
-                    });
-                }
-                // Held: the script tells by whom (our own token after a lost reply?) and
-                // for how long, and leaves the mark.
-                Value::Nil => {}
-                other => {
-                    return Err(BackendError::Command(
-                        format!("unexpected SET reply {other:?}").into(),
-                    ));
+    ) -> impl Future<Output = Result<Acquire, BackendError>> + Send {
+        // A block: its captures are its variables (see `locker::acquire::from_backend`).
+        async move {
+            let mut buffer = Uuid::encode_buffer();
+            let token = &*token.hyphenated().encode_lower(&mut buffer);
+            let lease = lease_millis(ttl);
+            if !self.config.fencing && !again {
+                let mut cmd = Cmd::with_capacity(6, 80 + self.config.prefix.len() + key.len());
+                cmd.arg("SET")
+                    .arg(self.key_arg(key, ""))
+                    .arg(token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lease);
+                match self.query::<Value>(&cmd, None).await? {
+                    Value::Okay => {
+                        return Ok(Acquire::Acquired {
+                            fencing_token: None,
+                        });
+                    }
+                    // Held: the script tells by whom (our own token after a lost reply?) and
+                    // for how long, and leaves the mark.
+                    Value::Nil => {}
+                    other => {
+                        return Err(BackendError::Command(
+                            format!("unexpected SET reply {other:?}").into(),
+                        ));
+                    }
                 }
             }
+            self.acquire_script(key, token, lease, again || !self.config.fencing)
+                .await
         }
-        self.acquire_script(key, token, lease, again || !self.config.fencing)
-            .await
     }
 
     /// The acquire script (see `scripts::ACQUIRE`); `own_mark`: this token may have left a
@@ -752,13 +768,15 @@ fn classify(err: RedisError) -> BackendError {
 }
 
 impl LockBackend for RedisBackend {
-    async fn try_acquire(
+    // Not `async`: the attempt's own future, without a wrapper's copy of the arguments
+    // around it (the wait's generic attempt carries this future's size).
+    fn try_acquire(
         &self,
         key: &LockKey,
         token: Uuid,
         ttl: Duration,
-    ) -> Result<Acquire, BackendError> {
-        self.attempt(key, token, ttl, false).await
+    ) -> impl Future<Output = Result<Acquire, BackendError>> + Send {
+        self.attempt(key, token, ttl, false)
     }
 
     async fn release(&self, key: &LockKey, token: Uuid) -> Result<Released, BackendError> {

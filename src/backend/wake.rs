@@ -18,22 +18,29 @@ use crate::key::LockKey;
 /// the token holds the lock already), which [`RedisBackend`](super::RedisBackend) uses to
 /// go straight to its script rather than try a plain `SET NX` first. Any other backend
 /// gets [`LockBackend::try_acquire`].
-pub(crate) async fn attempt<B: LockBackend>(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` stores its arguments twice"
+)]
+pub(crate) fn attempt<B: LockBackend>(
     backend: &B,
     key: &LockKey,
     token: Uuid,
     ttl: Duration,
     again: bool,
-) -> Result<Acquire, BackendError> {
-    #[cfg(feature = "redis")]
-    {
-        let any: &dyn std::any::Any = backend;
-        if let Some(redis) = any.downcast_ref::<super::RedisBackend>() {
-            return redis.attempt(key, token, ttl, again).await;
+) -> impl Future<Output = Result<Acquire, BackendError>> + Send {
+    // A block: its captures are its variables (see `locker::acquire::from_backend`).
+    async move {
+        #[cfg(feature = "redis")]
+        {
+            let any: &dyn std::any::Any = backend;
+            if let Some(redis) = any.downcast_ref::<super::RedisBackend>() {
+                return redis.attempt(key, token, ttl, again).await;
+            }
         }
+        let _ = again;
+        backend.try_acquire(key, token, ttl).await
     }
-    let _ = again;
-    backend.try_acquire(key, token, ttl).await
 }
 
 /// A count of the releases of `key` the backend has heard of, read before each attempt

@@ -8,13 +8,13 @@ use std::{sync::Arc, time::Duration};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::guard::{HandOff, LockGuard, LockLine};
+use super::guard::{HandOff, LockGuard, LockLine, LockTurn};
 use crate::{
     backend::{self, Acquire, BackendError, LockBackend},
     held::Held,
     key::LockKey,
     lease::saturating_add,
-    line::{Entry, Grant, StepAside},
+    line::{Entry, Grant, Place, StepAside},
 };
 
 /// Exponential backoff with full jitter: attempt `n` sleeps a uniformly random time in
@@ -70,53 +70,83 @@ pub(crate) enum AcquireError {
 ///
 /// With local queues, requests of this process line up for the key and only the first
 /// asks the backend; a finished holder hands the lock to the next in line.
-pub(crate) async fn acquire<B: LockBackend>(
+///
+/// Every acquisition carries this future (the layer boxes it per request), so it is kept
+/// to one inline wait, in the backend: the wait in line is boxed, as the contended path.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` stores its arguments twice"
+)]
+pub(crate) fn acquire<B: LockBackend>(
     backend: B,
     key: LockKey,
     policy: WaitPolicy,
     queues: Option<Arc<LockLine<B>>>,
-) -> Result<Acquired<B>, AcquireError> {
-    let deadline = saturating_add(Instant::now(), policy.max_wait);
-    let Some(queues) = queues else {
-        let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
-        return from_backend(guard, &policy, deadline, None).await;
-    };
-    let (turn, queued) = match queues.enter(&key) {
-        Entry::Turn(turn) => (turn, false),
-        Entry::Queued(place) => match place.wait(deadline).await {
-            // Boxed: a hand-off is the contended path; inline, its attempt's future would
-            // be carried and moved by every acquisition's.
-            Some(Grant::HandOff(offer)) => {
-                return Box::pin(take_over(offer, policy, deadline)).await;
-            }
-            Some(Grant::Turn { turn, step_aside }) => {
-                let pause = match step_aside {
-                    StepAside::No => Duration::ZERO,
-                    StepAside::Notified => STEP_ASIDE,
-                    // A waiter that polls tries again within one backoff (ours, assumed
-                    // to be the other process's too).
-                    StepAside::Polling => policy.backoff.max + STEP_ASIDE,
-                };
-                if !pause.is_zero() {
-                    let pause = pause.min(deadline.saturating_duration_since(Instant::now()));
-                    tokio::time::sleep(pause).await;
+) -> impl Future<Output = Result<Acquired<B>, AcquireError>> + Send {
+    // A block: its captures are its variables (see `from_backend`).
+    async move {
+        let deadline = saturating_add(Instant::now(), policy.max_wait);
+        let turn = match queues.as_ref().map(|line| line.enter(&key)) {
+            None => None,
+            Some(Entry::Turn(turn)) => Some((turn, false)),
+            Some(Entry::Queued(place)) => {
+                match Box::pin(wait_in_line(place, policy, deadline)).await? {
+                    InLine::HandedOff(acquired) => return Ok(acquired),
+                    InLine::Turn(turn) => Some((turn, true)),
                 }
-                (turn, true)
             }
-            // The holder is here; its lease is unknown to us.
-            None => return Err(AcquireError::Contended { remaining: None }),
-        },
-    };
-    // On failure the unused turn passes to the next in line as it drops.
-    let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
-    let mut acquired = from_backend(guard, &policy, deadline, Some(queues)).await?;
-    acquired.contended |= queued;
-    if backend::fair::is_fair(acquired.guard.backend()) {
-        turn.used_fairly();
-    } else {
-        turn.used();
+        };
+        // On failure the unused turn passes to the next in line as it drops.
+        let guard = LockGuard::disarmed(backend, key, Uuid::new_v4());
+        let mut acquired = from_backend(guard, &policy, deadline, queues).await?;
+        if let Some((turn, queued)) = turn {
+            acquired.contended |= queued;
+            if backend::fair::is_fair(acquired.guard.backend()) {
+                turn.used_fairly();
+            } else {
+                turn.used();
+            }
+        }
+        Ok(acquired)
     }
-    Ok(acquired)
+}
+
+/// How a wait in the local line ended, when not in a refusal.
+enum InLine<B: LockBackend> {
+    /// The holder handed the lock over.
+    HandedOff(Acquired<B>),
+    /// The turn to ask the backend came.
+    Turn(LockTurn<B>),
+}
+
+/// Waits in the local line until the lock is handed over or the turn to ask the backend
+/// comes (after stepping aside for other processes, when the release told them).
+async fn wait_in_line<B: LockBackend>(
+    place: Place<HandOff<B>>,
+    policy: WaitPolicy,
+    deadline: Instant,
+) -> Result<InLine<B>, AcquireError> {
+    match place.wait(deadline).await {
+        Some(Grant::HandOff(offer)) => take_over(offer, policy, deadline)
+            .await
+            .map(InLine::HandedOff),
+        Some(Grant::Turn { turn, step_aside }) => {
+            let pause = match step_aside {
+                StepAside::No => Duration::ZERO,
+                StepAside::Notified => STEP_ASIDE,
+                // A waiter that polls tries again within one backoff (ours, assumed to be
+                // the other process's too).
+                StepAside::Polling => policy.backoff.max + STEP_ASIDE,
+            };
+            if !pause.is_zero() {
+                let pause = pause.min(deadline.saturating_duration_since(Instant::now()));
+                tokio::time::sleep(pause).await;
+            }
+            Ok(InLine::Turn(turn))
+        }
+        // The holder is here; its lease is unknown to us.
+        None => Err(AcquireError::Contended { remaining: None }),
+    }
 }
 
 /// Attempts in the backend with the guard's token until acquired or the deadline passes.
@@ -125,82 +155,90 @@ pub(crate) async fn acquire<B: LockBackend>(
 /// or a lost reply is often over by the next attempt, and a retry with the same token
 /// recognises an attempt of ours that did land. Backends that undo a failed attempt
 /// themselves (Redlock) get a fresh token for each attempt instead.
-async fn from_backend<B: LockBackend>(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an `async fn` stores its arguments twice"
+)]
+fn from_backend<B: LockBackend>(
     mut guard: LockGuard<B>,
     policy: &WaitPolicy,
     deadline: Instant,
     queue: Option<Arc<LockLine<B>>>,
-) -> Result<Acquired<B>, AcquireError> {
-    if backend::fair::is_fair(guard.backend()) {
-        // Boxed: only fair lockers carry the fair wait's future.
-        return Box::pin(super::fair::from_line(guard, *policy, deadline, queue)).await;
-    }
-    // The guard is armed whenever an attempt might have taken the lock without us
-    // knowing: if this future is dropped or gives up then, it releases the token in the
-    // background. Once an attempt failed without an answer, it may still run on the
-    // server later (a stalled connection), so the token stays suspect until the end.
-    let mut in_doubt = guard.is_armed();
-    let mut attempt = 0;
-    loop {
-        let lease_start = Instant::now();
-        let epoch = backend::release_epoch(guard.backend(), guard.key());
-        let again = attempt > 0 || in_doubt;
-        guard.arm();
-        let outcome = backend::attempt(
-            guard.backend(),
-            guard.key(),
-            guard.token(),
-            policy.ttl,
-            again,
-        )
-        .await;
-        let remaining = match outcome {
-            Ok(Acquire::Acquired { fencing_token }) => {
-                let (key, token) = (guard.key().clone(), guard.token());
-                let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
-                guard.acquired(&held, queue);
-                let contended = attempt > 0;
-                return Ok(Acquired {
-                    guard,
-                    held,
-                    contended,
-                });
-            }
-            Ok(Acquire::Held { remaining }) => {
-                if !in_doubt {
-                    guard.disarm();
-                }
-                if Instant::now() >= deadline {
-                    return Err(AcquireError::Contended { remaining });
-                }
-                remaining
-            }
-            Err(err) => {
-                tracing::debug!(key = %guard.key(), error = %err, "lock attempt failed");
-                in_doubt = true;
-                if Instant::now() >= deadline {
-                    return Err(AcquireError::Unavailable(err));
-                }
-                None
-            }
-        };
-        let mut pause = policy
-            .backoff
-            .delay(attempt)
-            .min(deadline.saturating_duration_since(Instant::now()));
-        if let Some(remaining) = remaining {
-            // The lock is free by the end of the holder's lease at the latest.
-            pause = pause.min(remaining + Duration::from_millis(1));
+) -> impl Future<Output = Result<Acquired<B>, AcquireError>> + Send {
+    // A block, not an `async fn`: its captures are its variables, where an `async fn`
+    // keeps its arguments and a copy of each (this future is inside every acquisition).
+    async move {
+        if backend::fair::is_fair(guard.backend()) {
+            // Boxed: only fair lockers carry the fair wait's future.
+            return Box::pin(super::fair::from_line(guard, *policy, deadline, queue)).await;
         }
-        if !guard.backend().retry_with_same_token() {
-            guard.new_token();
-            in_doubt = false;
+        // The guard is armed whenever an attempt might have taken the lock without us
+        // knowing: if this future is dropped or gives up then, it releases the token in the
+        // background. Once an attempt failed without an answer, it may still run on the
+        // server later (a stalled connection), so the token stays suspect until the end.
+        let mut in_doubt = guard.is_armed();
+        let mut attempt = 0;
+        loop {
+            let lease_start = Instant::now();
+            let epoch = backend::release_epoch(guard.backend(), guard.key());
+            let again = attempt > 0 || in_doubt;
+            guard.arm();
+            let outcome = backend::attempt(
+                guard.backend(),
+                guard.key(),
+                guard.token(),
+                policy.ttl,
+                again,
+            )
+            .await;
+            let remaining = match outcome {
+                Ok(Acquire::Acquired { fencing_token }) => {
+                    let (key, token) = (guard.key().clone(), guard.token());
+                    let held = Held::new(key, token, fencing_token, lease_start, policy.ttl);
+                    guard.acquired(&held, queue);
+                    let contended = attempt > 0;
+                    return Ok(Acquired {
+                        guard,
+                        held,
+                        contended,
+                    });
+                }
+                Ok(Acquire::Held { remaining }) => {
+                    if !in_doubt {
+                        guard.disarm();
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(AcquireError::Contended { remaining });
+                    }
+                    remaining
+                }
+                Err(err) => {
+                    tracing::debug!(key = %guard.key(), error = %err, "lock attempt failed");
+                    in_doubt = true;
+                    if Instant::now() >= deadline {
+                        return Err(AcquireError::Unavailable(err));
+                    }
+                    None
+                }
+            };
+            let mut pause = policy
+                .backoff
+                .delay(attempt)
+                .min(deadline.saturating_duration_since(Instant::now()));
+            if let Some(remaining) = remaining {
+                // The lock is free by the end of the holder's lease at the latest.
+                pause = pause.min(remaining + Duration::from_millis(1));
+            }
+            if !guard.backend().retry_with_same_token() {
+                guard.new_token();
+                in_doubt = false;
+            }
+            let (backend, key) = (guard.backend(), guard.key());
+            // Boxed: the wait (which may subscribe, and connect) is large and only for the
+            // contended path; inline, every acquisition's future would carry its size.
+            Box::pin(backend::wait_for_release(backend, key, epoch, pause)).await;
+            attempt = attempt.saturating_add(1);
         }
-        let (backend, key) = (guard.backend(), guard.key());
-        // Boxed: the wait (which may subscribe, and connect) is large and only for the
-        // contended path; inline, every acquisition's future would carry its size.
-        Box::pin(backend::wait_for_release(backend, key, epoch, pause)).await;
-        attempt = attempt.saturating_add(1);
     }
 }
 

@@ -24,7 +24,7 @@ use http::StatusCode;
 pub use self::owned::OwnedLock;
 pub(crate) use self::owned::RequestLocks;
 pub(crate) use self::{
-    acquire::Acquired,
+    acquire::{AcquireError, Acquired},
     guard::{LockGuard, ReleaseOutcome},
     settings::{LockSettings, MetricsClass},
     watchdog::{Loss, Watchdog, loss_on_release, note_loss},
@@ -100,6 +100,12 @@ pub struct Locker<Backend: LockBackend> {
     /// The keys the request this locker was extracted for holds.
     #[cfg(feature = "axum")]
     request: Option<Arc<RequestLocks>>,
+}
+
+/// When a wait for a lock began, and for which key: what [`Locker::end_wait`] records.
+pub(crate) struct WaitStart {
+    pub(crate) started: tokio::time::Instant,
+    asked: LockKey,
 }
 
 impl<Backend: LockBackend> Locker<Backend> {
@@ -181,21 +187,43 @@ impl<Backend: LockBackend> Locker<Backend> {
     }
 
     /// Waits for the lock on `key` (already prefixed and validated) and records how the
-    /// wait ended: the bookkeeping both faces share.
+    /// wait ended: [`begin_wait`](Self::begin_wait), then [`end_wait`](Self::end_wait).
     pub(crate) async fn acquire(&self, key: LockKey) -> Result<Acquired<Backend>, LockRejection> {
-        let started = tokio::time::Instant::now();
-        // For the hot keys, should the wait end contended (a reference count).
-        let asked = key.clone();
-        let wait = acquire(
-            self.backend.clone(),
-            key,
-            self.settings.wait_policy(),
-            self.line.clone(),
-        );
-        match wait.await {
+        let (start, wait) = self.begin_wait(key);
+        let outcome = wait.await;
+        self.end_wait(start, outcome)
+    }
+
+    /// Begins the wait for `key`'s lock: the wait itself, which owns what it needs (no
+    /// borrow of the locker: the layer boxes it alone, small enough for the allocator's
+    /// per-thread cache), and what its end is recorded against.
+    pub(crate) fn begin_wait(
+        &self,
+        key: LockKey,
+    ) -> (
+        WaitStart,
+        impl Future<Output = Result<Acquired<Backend>, AcquireError>> + Send + 'static,
+    ) {
+        let start = WaitStart {
+            started: tokio::time::Instant::now(),
+            // For the hot keys, should the wait end contended (a reference count).
+            asked: key.clone(),
+        };
+        let policy = self.settings.wait_policy();
+        let wait = acquire(self.backend.clone(), key, policy, self.line.clone());
+        (start, wait)
+    }
+
+    /// Records how the wait begun at `start` ended, and turns a failure into the answer.
+    pub(crate) fn end_wait(
+        &self,
+        start: WaitStart,
+        outcome: Result<Acquired<Backend>, AcquireError>,
+    ) -> Result<Acquired<Backend>, LockRejection> {
+        match outcome {
             Ok(acquired) => {
                 observe::outcome(self.metrics(), Outcome::Acquired);
-                observe::waited(self.metrics(), started.elapsed());
+                observe::waited(self.metrics(), start.started.elapsed());
                 if acquired.contended {
                     let hot_keys = &self.settings.observed.hot_keys;
                     hot_keys.contended(self.class(), acquired.held.key());
@@ -207,7 +235,7 @@ impl<Backend: LockBackend> Locker<Backend> {
                 observe::outcome(self.metrics(), rejection.outcome());
                 if let LockRejection::Contended { .. } = rejection {
                     let hot_keys = &self.settings.observed.hot_keys;
-                    hot_keys.contended(self.class(), &asked);
+                    hot_keys.contended(self.class(), &start.asked);
                 }
                 Err(rejection)
             }

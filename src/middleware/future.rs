@@ -11,14 +11,16 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use super::layer::LayerSettings;
 use crate::{
     backend::LockBackend,
     held::Held,
-    locker::{Acquired, LockGuard, Locker, ReleaseOutcome, Watchdog, loss_on_release, note_loss},
+    locker::{
+        AcquireError, Acquired, LockGuard, Locker, ReleaseOutcome, WaitStart, Watchdog,
+        loss_on_release, note_loss,
+    },
     observe::{self, Outcome},
     policy::{BackendErrorPolicy, LossPolicy},
     rejection::LockRejection,
@@ -26,11 +28,8 @@ use crate::{
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// The wait for the lock, handing back the locker it ran on.
-pub(crate) type Acquisition<Backend> = BoxFuture<(
-    Arc<Locker<Backend>>,
-    Result<Acquired<Backend>, LockRejection>,
-)>;
+/// The wait for the lock (see [`Locker::begin_wait`]).
+pub(crate) type Acquisition<Backend> = BoxFuture<Result<Acquired<Backend>, AcquireError>>;
 
 pin_project! {
     /// Response future of [`Lock`](super::Lock).
@@ -46,9 +45,6 @@ pin_project! {
         state: State<S, Backend, ReqBody>,
         settings: Arc<LayerSettings>,
         span: tracing::Span,
-        // When the wait began, for the span's `wait_ms`; only read (so only taken) when
-        // the span is enabled.
-        started: Option<Instant>,
     }
 }
 
@@ -62,6 +58,8 @@ pin_project! {
         // Waiting for the lock. The service was polled ready before the wait began.
         Acquiring {
             acquire: Acquisition<Backend>,
+            locker: Arc<Locker<Backend>>,
+            start: Option<WaitStart>,
             service: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -103,7 +101,8 @@ where
     Backend: LockBackend,
 {
     pub(crate) fn acquiring(
-        acquire: Acquisition<Backend>,
+        locker: Arc<Locker<Backend>>,
+        (start, acquire): (WaitStart, Acquisition<Backend>),
         service: S,
         request: Request<ReqBody>,
         settings: Arc<LayerSettings>,
@@ -111,6 +110,8 @@ where
     ) -> Self {
         let state = State::Acquiring {
             acquire,
+            locker,
+            start: Some(start),
             service: Some(service),
             request: Some(request),
         };
@@ -133,12 +134,10 @@ where
         settings: Arc<LayerSettings>,
         span: tracing::Span,
     ) -> Self {
-        let started = (!span.is_disabled()).then(Instant::now);
         Self {
             state,
             settings,
             span,
-            started,
         }
     }
 }
@@ -158,17 +157,21 @@ where
             match this.state.as_mut().project() {
                 StateProj::Acquiring {
                     acquire,
+                    locker,
+                    start,
                     service,
                     request,
                 } => {
-                    let (locker, outcome) = ready!(acquire.as_mut().poll(cx));
+                    let outcome = ready!(acquire.as_mut().poll(cx));
                     let mut service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
-                    if let Some(started) = this.started {
-                        this.span
-                            .record("wait_ms", started.elapsed().as_secs_f64() * 1e3);
+                    let start = start.take().expect("polled after completion");
+                    if !this.span.is_disabled() {
+                        let waited = start.started.elapsed();
+                        this.span.record("wait_ms", waited.as_secs_f64() * 1e3);
                     }
-                    let next = match outcome {
+                    let locker = locker.clone();
+                    let next = match locker.end_wait(start, outcome) {
                         Ok(Acquired { guard, held, .. }) => {
                             this.span.record("outcome", Outcome::Acquired.as_str());
                             let watchdog = Some(locker.watchdog(&held));

@@ -125,12 +125,10 @@ where
             outcome = tracing::field::Empty,
             wait_ms = tracing::field::Empty,
         );
-        let locker = locker.clone();
-        let acquire = Box::pin(async move {
-            let acquired = locker.acquire(key).await;
-            (locker, acquired)
-        });
-        ResponseFuture::acquiring(acquire, ready, request, self.settings.clone(), span)
+        let (start, wait) = locker.begin_wait(key);
+        let wait = (start, Box::pin(wait) as _);
+        let (locker, settings) = (locker.clone(), self.settings.clone());
+        ResponseFuture::acquiring(locker, wait, ready, request, settings, span)
     }
 }
 
