@@ -58,8 +58,8 @@ pin_project! {
         // Waiting for the lock. The service was polled ready before the wait began.
         Acquiring {
             acquire: Acquisition<Backend>,
-            locker: Arc<Locker<Backend>>,
-            start: Option<WaitStart>,
+            // Taken when the wait ends: the locker that records it, and when it began.
+            begun: Option<(Arc<Locker<Backend>>, WaitStart)>,
             service: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -102,7 +102,8 @@ where
 {
     pub(crate) fn acquiring(
         locker: Arc<Locker<Backend>>,
-        (start, acquire): (WaitStart, Acquisition<Backend>),
+        start: WaitStart,
+        acquire: Acquisition<Backend>,
         service: S,
         request: Request<ReqBody>,
         settings: Arc<LayerSettings>,
@@ -110,8 +111,7 @@ where
     ) -> Self {
         let state = State::Acquiring {
             acquire,
-            locker,
-            start: Some(start),
+            begun: Some((locker, start)),
             service: Some(service),
             request: Some(request),
         };
@@ -157,20 +157,18 @@ where
             match this.state.as_mut().project() {
                 StateProj::Acquiring {
                     acquire,
-                    locker,
-                    start,
+                    begun,
                     service,
                     request,
                 } => {
                     let outcome = ready!(acquire.as_mut().poll(cx));
                     let mut service = service.take().expect("polled after completion");
                     let mut request = request.take().expect("polled after completion");
-                    let start = start.take().expect("polled after completion");
+                    let (locker, start) = begun.take().expect("polled after completion");
                     if !this.span.is_disabled() {
                         let waited = start.started.elapsed();
                         this.span.record("wait_ms", waited.as_secs_f64() * 1e3);
                     }
-                    let locker = locker.clone();
                     let next = match locker.end_wait(start, outcome) {
                         Ok(Acquired { guard, held, .. }) => {
                             this.span.record("outcome", Outcome::Acquired.as_str());

@@ -126,9 +126,16 @@ where
             wait_ms = tracing::field::Empty,
         );
         let (start, wait) = locker.begin_wait(key);
-        let wait = (start, Box::pin(wait) as _);
         let (locker, settings) = (locker.clone(), self.settings.clone());
-        ResponseFuture::acquiring(locker, wait, ready, request, settings, span)
+        ResponseFuture::acquiring(
+            locker,
+            start,
+            Box::pin(wait),
+            ready,
+            request,
+            settings,
+            span,
+        )
     }
 }
 
